@@ -1,0 +1,193 @@
+"""Loss terms: small named functions, each returning one value per image (shape B).
+
+The pure functions take tensors; `TERMS` binds each recipe key to a function of the fit's
+context, and says whether the term needs a rendered image (landmark-only stages skip the
+renderer). Adding a term touches this file and one recipe key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# iBUG-68 regions (0-based)
+REGIONS = {
+    "contour": range(17),
+    "brows": range(17, 27),
+    "nose": range(27, 36),
+    "eyes": range(36, 48),
+    "mouth": range(48, 68),
+}
+EYE_UPPER, EYE_LOWER = [37, 38, 43, 44], [41, 40, 47, 46]
+LIP_UPPER, LIP_LOWER = [61, 62, 63], [67, 66, 65]
+
+
+def charbonnier(x: Tensor, eps: float) -> Tensor:
+    """Robust penalty sqrt(x^2 + eps^2) - eps: quadratic near 0, linear (L1-like) far out."""
+    return torch.sqrt(x * x + eps * eps) - eps
+
+
+def landmark_weights(region_weights: dict[str, float] | None = None) -> Tensor:
+    """Per-point weights (68,) from per-region weights (missing regions weigh 1)."""
+    w = torch.ones(68)
+    for region, value in (region_weights or {}).items():
+        w[list(REGIONS[region])] = value
+    return w
+
+
+def landmark_loss(pred: Tensor, target: Tensor, weights: Tensor, res: int, eps: float = 0.01) -> Tensor:
+    """Robust landmark distance: pred, target B x 68 x 2 (crop pixels), weights 68 -> B.
+
+    Distances are measured in half-crop units (as normalised device coordinates), so a
+    weight means the same at any resolution; Charbonnier on the point-to-point distance.
+    """
+    d = (pred - target) / (res / 2.0)
+    r = charbonnier(d.norm(dim=-1), eps)  # B x 68
+    return (r * weights).sum(1) / weights.sum()
+
+
+def _pair_distance(points: Tensor, a: list[int], b: list[int]) -> Tensor:
+    return (points[:, a] - points[:, b]).norm(dim=-1)
+
+
+def relative_distance_loss(pred: Tensor, target: Tensor, a: list[int], b: list[int], res: int) -> Tensor:
+    """Mean |d_pred - d_target| over point pairs (a_i, b_i) (eye closure, lip distance) -> B."""
+    dp, dt = _pair_distance(pred, a, b), _pair_distance(target, a, b)
+    return ((dp - dt).abs() / (res / 2.0)).mean(1)
+
+
+def photometric_loss(render: Tensor, image: Tensor, mask: Tensor, eps: float = 0.01) -> Tensor:
+    """Robust L1 inside a mask: render, image B x 3 x H x W, mask B x 1 x H x W in [0,1] -> B."""
+    r = charbonnier(render - image, eps).sum(1, keepdim=True)  # B x 1 x H x W
+    return (r * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp_min(1.0)
+
+
+def photometric_l2(render: Tensor, image: Tensor, mask: Tensor) -> Tensor:
+    """Plain (non-robust) squared error inside a mask, for comparison: B x 3 x H x W -> B."""
+    r = ((render - image) ** 2).sum(1, keepdim=True)
+    return (r * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp_min(1.0)
+
+
+def squared_norm(x: Tensor) -> Tensor:
+    """Gaussian prior (negative log-likelihood up to a constant): B x K -> B."""
+    return (x * x).flatten(1).sum(1)
+
+
+def range_penalty(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """Squared distance outside [low, high], elementwise bounds: B x K -> B."""
+    return (torch.relu(low - x) ** 2 + torch.relu(x - high) ** 2).flatten(1).sum(1)
+
+
+# jaw: pitch (x) opens the mouth; a little yaw/roll only
+JAW_LOW, JAW_HIGH = (-0.05, -0.1, -0.1), (0.6, 0.1, 0.1)
+EYE_LIMIT = 0.6
+NECK_LIMIT = 0.8
+
+
+def edge_smoothness(values: Tensor, edges: Tensor) -> Tensor:
+    """Mean squared difference across mesh edges: values B x V x C, edges E x 2 -> B."""
+    d = values[:, edges[:, 0]] - values[:, edges[:, 1]]
+    return (d * d).sum(-1).mean(1)
+
+
+def symmetry(values: Tensor, mirror: Tensor) -> Tensor:
+    """Mean squared difference to the mirrored vertex: values B x V x C, mirror V -> B."""
+    d = values - values[:, mirror]
+    return (d * d).sum(-1).mean(1)
+
+
+def sh_light_regulariser(light: Tensor) -> Tensor:
+    """Penalise directional SH energy and colour casts: light B x 9 x 3 -> B."""
+    directional = (light[:, 1:] ** 2).sum((1, 2))
+    grey = light.mean(2, keepdim=True)
+    cast = ((light - grey) ** 2).sum((1, 2))
+    return directional + cast
+
+
+def shape_consistency(shapes: Tensor, margin: float, negatives: Tensor | None = None) -> Tensor:
+    """RingNet-style identity consistency for shapes of one person, B x K -> B.
+
+    For each image j: mean over k != j of max(0, |b_j - b_k|^2 + margin - |b_j - b_n|^2) over
+    negatives n (other identities, N x K), plus a pull |b_j - mean|^2 towards the set mean.
+    """
+    mean = shapes.mean(0, keepdim=True)
+    pull = ((shapes - mean) ** 2).sum(1)
+    if negatives is None or negatives.numel() == 0 or shapes.shape[0] < 2:
+        return pull
+    pos = torch.cdist(shapes, shapes) ** 2  # B x B
+    neg = torch.cdist(shapes, negatives) ** 2  # B x N
+    hinge = torch.relu(pos[:, :, None] + margin - neg[:, None, :])  # B x B x N
+    off_diag = 1.0 - torch.eye(shapes.shape[0], device=shapes.device)
+    hinge = (hinge.mean(2) * off_diag).sum(1) / off_diag.sum(1)
+    return hinge + pull
+
+
+# ----------------------------------------------------------------------------- registry
+@dataclass
+class Context:
+    """What a term may look at during one step."""
+
+    params: object  # FitParams
+    pred: dict  # synthesis outputs: landmarks2d B x 68 x 2, image, alpha, vertices ...
+    target: object  # Targets: image, landmarks, mask, lmk_weights
+    res: int
+    extra: dict = field(default_factory=dict)  # mirror, edges, perceptual module, negatives, margin
+
+
+@dataclass
+class Term:
+    fn: Callable[[Context], Tensor]
+    needs_render: bool = False
+
+
+def _perceptual(c: Context) -> Tensor:
+    module = c.extra.get("perceptual")
+    if module is None:
+        return c.params.shape.new_zeros(c.params.batch)
+    comp = c.pred["image"] * c.target.mask + c.target.image * (1 - c.target.mask)
+    return module(comp, c.target.image)
+
+
+def _albedo_field(c: Context, fn) -> Tensor:
+    a = c.params.albedo
+    if a.dim() != 3:  # texture-space coefficients: the Gaussian prior applies instead
+        return a.new_zeros(a.shape[0])
+    return fn(a)
+
+
+def _consistency(c: Context) -> Tensor:
+    """Over the whole set's shapes (extra['set_shapes']), returned for this chunk's rows."""
+    shapes = c.extra.get("set_shapes", c.params.shape)
+    rows = c.extra.get("rows", torch.arange(shapes.shape[0], device=shapes.device))
+    return shape_consistency(shapes, c.extra.get("margin", 0.5), c.extra.get("negatives"))[rows]
+
+
+TERMS: dict[str, Term] = {
+    "landmark": Term(lambda c: landmark_loss(c.pred["landmarks2d"], c.target.landmarks,
+                                             c.target.lmk_weights, c.res)),
+    "eye_closure": Term(lambda c: relative_distance_loss(c.pred["landmarks2d"], c.target.landmarks,
+                                                         EYE_UPPER, EYE_LOWER, c.res)),
+    "lip_distance": Term(lambda c: relative_distance_loss(c.pred["landmarks2d"], c.target.landmarks,
+                                                          LIP_UPPER, LIP_LOWER, c.res)),
+    "photo": Term(lambda c: photometric_loss(c.pred["image"], c.target.image,
+                                             c.target.mask * c.pred["alpha"]), needs_render=True),
+    "photo_l2": Term(lambda c: photometric_l2(c.pred["image"], c.target.image,
+                                              c.target.mask * c.pred["alpha"]), needs_render=True),
+    "perceptual": Term(_perceptual, needs_render=True),
+    "shape_prior": Term(lambda c: squared_norm(c.params.shape)),
+    "exp_prior": Term(lambda c: squared_norm(c.params.exp)),
+    "jaw_limit": Term(lambda c: range_penalty(c.params.jaw_pose, c.params.jaw_pose.new_tensor(JAW_LOW),
+                                              c.params.jaw_pose.new_tensor(JAW_HIGH))),
+    "neck_prior": Term(lambda c: squared_norm(c.params.neck_pose)
+                       + range_penalty(c.params.neck_pose, -NECK_LIMIT, NECK_LIMIT)),
+    "eye_limit": Term(lambda c: range_penalty(c.params.eye_pose, -EYE_LIMIT, EYE_LIMIT)),
+    "light_reg": Term(lambda c: sh_light_regulariser(c.params.light)),
+    "albedo_prior": Term(lambda c: squared_norm(c.params.albedo) if c.params.albedo.dim() == 2
+                         else c.params.albedo.new_zeros(c.params.batch)),
+    "albedo_smooth": Term(lambda c: _albedo_field(c, lambda a: edge_smoothness(a, c.extra["edges"]))),
+    "albedo_symmetry": Term(lambda c: _albedo_field(c, lambda a: symmetry(a, c.extra["mirror"]))),
+    "shape_consistency": Term(_consistency),
+}

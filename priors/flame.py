@@ -1,0 +1,219 @@
+"""The FLAME layer: pure linear-blend-skinning functions and a module that holds the buffers.
+
+Shapes are written as in smplx: B batch, V vertices, J joints, F faces, K coefficients.
+Pose layout (as FLAME): joints 0 root (global), 1 neck, 2 jaw, 3 left eye, 4 right eye.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .assets import FlameAssets
+
+MAX_YAW_DEG = 39  # the dynamic contour table covers -39..39 degrees
+
+
+# ----------------------------------------------------------------------------- pure maths
+def blend_shapes(coeffs: Tensor, dirs: Tensor) -> Tensor:
+    """Linear blendshape offsets.
+
+    coeffs B x K, dirs V x 3 x K -> offsets B x V x 3.
+    """
+    return torch.einsum("bk,vck->bvc", coeffs, dirs)
+
+
+def vertices2joints(J_regressor: Tensor, vertices: Tensor) -> Tensor:
+    """Joint locations regressed from vertices: J_regressor J x V, vertices B x V x 3 -> B x J x 3."""
+    return torch.einsum("jv,bvc->bjc", J_regressor, vertices)
+
+
+def batch_rodrigues(rot_vecs: Tensor, eps: float = 1e-8) -> Tensor:
+    """Axis-angle N x 3 -> rotation matrices N x 3 x 3 (smooth at zero)."""
+    angle = torch.sqrt((rot_vecs * rot_vecs).sum(dim=1, keepdim=True) + eps)  # N x 1
+    axis = rot_vecs / angle
+    cos = torch.cos(angle)[:, :, None]
+    sin = torch.sin(angle)[:, :, None]
+    x, y, z = axis[:, 0], axis[:, 1], axis[:, 2]
+    zeros = torch.zeros_like(x)
+    K = torch.stack([zeros, -z, y, z, zeros, -x, -y, x, zeros], dim=1).view(-1, 3, 3)
+    eye = torch.eye(3, dtype=rot_vecs.dtype, device=rot_vecs.device)[None]
+    return eye + sin * K + (1 - cos) * torch.bmm(K, K)
+
+
+def rot_mat_to_yaw(R: Tensor) -> Tensor:
+    """Rotation about +y (radians) of rotation matrices N x 3 x 3, as DECA's rot_mat_to_euler."""
+    sy = torch.sqrt(R[:, 0, 0] ** 2 + R[:, 1, 0] ** 2)
+    return torch.atan2(-R[:, 2, 0], sy)
+
+
+def batch_rigid_transform(rot_mats: Tensor, joints: Tensor, parents: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward kinematics.
+
+    rot_mats B x J x 3 x 3 (local rotations), joints B x J x 3 (rest positions), parents J
+    (parents[0] = -1) -> posed joints B x J x 3 and relative transforms B x J x 4 x 4 that map
+    rest-pose points to posed points.
+    """
+    B, J = joints.shape[:2]
+    rel = joints.clone()
+    rel[:, 1:] = joints[:, 1:] - joints[:, parents[1:]]
+    local = torch.cat([rot_mats, rel[..., None]], dim=-1)  # B x J x 3 x 4
+    bottom = torch.tensor([0, 0, 0, 1], dtype=joints.dtype, device=joints.device)
+    local = torch.cat([local, bottom.expand(B, J, 1, 4)], dim=-2)  # B x J x 4 x 4
+    chain = [local[:, 0]]
+    for j in range(1, J):
+        chain.append(chain[int(parents[j])] @ local[:, j])
+    world = torch.stack(chain, dim=1)  # B x J x 4 x 4
+    posed_joints = world[:, :, :3, 3]
+    # subtract the transformed rest joint so the transform applies to rest-pose vertices
+    offset = (world[:, :, :3, :3] @ joints[..., None])[..., 0]
+    rel_transforms = world.clone()
+    rel_transforms[:, :, :3, 3] = world[:, :, :3, 3] - offset
+    return posed_joints, rel_transforms
+
+
+def lbs(
+    coeffs: Tensor,
+    pose: Tensor,
+    v_template: Tensor,
+    dirs: Tensor,
+    posedirs: Tensor,
+    J_regressor: Tensor,
+    parents: Tensor,
+    weights: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Linear blend skinning with blendshapes and pose correctives.
+
+    coeffs B x K (shape and expression concatenated), pose B x (J*3) axis-angle,
+    v_template V x 3, dirs V x 3 x K, posedirs P x (V*3) with P = 9 * (J - 1),
+    J_regressor J x V, parents J, weights V x J -> vertices B x V x 3, joints B x J x 3.
+    """
+    B = coeffs.shape[0]
+    v_shaped = v_template[None] + blend_shapes(coeffs, dirs)
+    joints = vertices2joints(J_regressor, v_shaped)
+    rot_mats = batch_rodrigues(pose.reshape(-1, 3)).view(B, -1, 3, 3)
+    eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
+    pose_feature = (rot_mats[:, 1:] - eye).reshape(B, -1)
+    v_posed = v_shaped + (pose_feature @ posedirs).view(B, -1, 3)
+    posed_joints, A = batch_rigid_transform(rot_mats, joints, parents)
+    T = torch.einsum("vj,bjxy->bvxy", weights, A)  # B x V x 4 x 4
+    verts = (T[:, :, :3, :3] @ v_posed[..., None])[..., 0] + T[:, :, :3, 3]
+    return verts, posed_joints
+
+
+def vertices2landmarks(vertices: Tensor, faces: Tensor, lmk_faces: Tensor, lmk_bary: Tensor) -> Tensor:
+    """Barycentric landmarks: vertices B x V x 3, faces F x 3, lmk_faces B x L, lmk_bary B x L x 3 -> B x L x 3."""
+    B, L = lmk_faces.shape
+    tri = faces[lmk_faces]  # B x L x 3 vertex ids
+    batch = torch.arange(B, device=vertices.device)[:, None, None]
+    corners = vertices[batch, tri]  # B x L x 3 x 3
+    return (corners * lmk_bary[..., None]).sum(dim=2)
+
+
+def dynamic_contour_rows(yaw_deg: Tensor) -> Tensor:
+    """Row of the dynamic contour table for head yaw in degrees (B,) -> (B,) long.
+
+    Row r stands for a = r (0..39) and a = 39 - r (r = 40..78, i.e. -1..-39 degrees).
+    """
+    a = torch.round(yaw_deg).clamp(-MAX_YAW_DEG, MAX_YAW_DEG).long()
+    return torch.where(a >= 0, a, MAX_YAW_DEG - a)
+
+
+# ----------------------------------------------------------------------------- the module
+@dataclass
+class FlameOutput:
+    vertices: Tensor  # B x V x 3, metres, model space
+    joints: Tensor  # B x J x 3
+    landmarks3d: Tensor  # B x 68 x 3, with the dynamic jaw contour
+    landmarks3d_full: Tensor  # B x 68 x 3, fixed (frontal) contour
+
+
+class FlameModel(nn.Module):
+    """Holds a FLAME-format model as buffers and evaluates it; the maths lives in the functions above."""
+
+    def __init__(self, assets: FlameAssets, n_shape: int | None = None, n_exp: int | None = None):
+        super().__init__()
+        n_shape = assets.n_shape if n_shape is None else min(n_shape, assets.n_shape)
+        n_exp = assets.n_exp if n_exp is None else min(n_exp, assets.n_exp)
+        self.n_shape, self.n_exp = n_shape, n_exp
+        self.name, self.tag = assets.name, assets.tag
+        f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))
+        dirs = np.concatenate([assets.shapedirs[:, :, :n_shape], assets.expdirs[:, :, :n_exp]], axis=2)
+        P = assets.posedirs.shape[2]
+        self.register_buffer("v_template", f32(assets.v_template))
+        self.register_buffer("dirs", f32(dirs))
+        self.register_buffer("posedirs", f32(assets.posedirs.reshape(-1, P).T.copy()))
+        self.register_buffer("J_regressor", f32(assets.J_regressor))
+        self.register_buffer("weights", f32(assets.weights))
+        self.register_buffer("parents", torch.as_tensor(assets.parents, dtype=torch.long))
+        self.register_buffer("faces", torch.as_tensor(assets.faces, dtype=torch.long))
+        lm = assets.landmarks
+        self.has_landmarks = lm is not None
+        if lm is not None:
+            long = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))
+            self.register_buffer("static_faces", long(lm.static_faces))
+            self.register_buffer("static_bary", f32(lm.static_bary))
+            self.register_buffer("dynamic_faces", long(lm.dynamic_faces))
+            self.register_buffer("dynamic_bary", f32(lm.dynamic_bary))
+            self.register_buffer("full_faces", long(lm.full_faces).reshape(-1))
+            self.register_buffer("full_bary", f32(lm.full_bary).reshape(-1, 3))
+
+    @property
+    def n_verts(self) -> int:
+        return int(self.v_template.shape[0])
+
+    @property
+    def n_joints(self) -> int:
+        return int(self.parents.shape[0])
+
+    def full_pose(self, global_pose: Tensor, neck_pose: Tensor, jaw_pose: Tensor, eye_pose: Tensor) -> Tensor:
+        """B x 3, B x 3, B x 3, B x 6 -> B x 15 in joint order."""
+        return torch.cat([global_pose, neck_pose, jaw_pose, eye_pose], dim=1)
+
+    def head_yaw_deg(self, pose: Tensor) -> Tensor:
+        """Yaw of root . neck (degrees, +towards +x) from a full pose B x 15 -> B."""
+        B = pose.shape[0]
+        R = batch_rodrigues(pose[:, :6].reshape(-1, 3)).view(B, 2, 3, 3)
+        return torch.rad2deg(rot_mat_to_yaw(R[:, 0] @ R[:, 1]))
+
+    def landmarks(self, vertices: Tensor, pose: Tensor) -> tuple[Tensor, Tensor]:
+        """68 landmarks (dynamic contour) and the 68 with the fixed contour: B x 68 x 3 each."""
+        B = vertices.shape[0]
+        rows = dynamic_contour_rows(self.head_yaw_deg(pose).detach())
+        dyn_faces, dyn_bary = self.dynamic_faces[rows], self.dynamic_bary[rows]  # B x 17 (x 3)
+        faces = torch.cat([dyn_faces, self.static_faces.expand(B, -1)], dim=1)
+        bary = torch.cat([dyn_bary, self.static_bary.expand(B, -1, -1)], dim=1)
+        lmk = vertices2landmarks(vertices, self.faces, faces, bary)
+        full = vertices2landmarks(
+            vertices, self.faces, self.full_faces.expand(B, -1), self.full_bary.expand(B, -1, -1)
+        )
+        return lmk, full
+
+    def forward(
+        self,
+        shape: Tensor,
+        exp: Tensor,
+        global_pose: Tensor,
+        neck_pose: Tensor,
+        jaw_pose: Tensor,
+        eye_pose: Tensor,
+        transl: Tensor | None = None,
+    ) -> FlameOutput:
+        """shape B x n_shape, exp B x n_exp, poses B x 3 (eye B x 6), transl B x 3 -> FlameOutput."""
+        pose = self.full_pose(global_pose, neck_pose, jaw_pose, eye_pose)
+        coeffs = torch.cat([shape, exp], dim=1)
+        verts, joints = lbs(
+            coeffs, pose, self.v_template, self.dirs, self.posedirs, self.J_regressor, self.parents,
+            self.weights,
+        )
+        if transl is not None:
+            verts = verts + transl[:, None]
+            joints = joints + transl[:, None]
+        if self.has_landmarks:
+            lmk, full = self.landmarks(verts, pose)
+        else:
+            lmk = full = verts.new_zeros(verts.shape[0], 68, 3)
+        return FlameOutput(verts, joints, lmk, full)

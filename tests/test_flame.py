@@ -1,0 +1,116 @@
+"""FLAME layer against independent references (numpy/scipy maths, the stand-in's own arrays)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from priors.assets import load_model
+from priors.flame import FlameModel, batch_rodrigues, dynamic_contour_rows, lbs
+
+
+@pytest.fixture(scope="module")
+def standin(standin_path):
+    return FlameModel(load_model(standin_path))
+
+
+def zeros(model, B=1):
+    z = lambda n: torch.zeros(B, n)
+    return dict(shape=z(model.n_shape), exp=z(model.n_exp), global_pose=z(3), neck_pose=z(3), jaw_pose=z(3),
+                eye_pose=z(6))
+
+
+def test_rodrigues_matches_scipy():
+    rv = torch.randn(20, 3, dtype=torch.float64)
+    expected = Rotation.from_rotvec(rv.numpy()).as_matrix()
+    np.testing.assert_allclose(batch_rodrigues(rv).numpy(), expected, atol=1e-7)
+    np.testing.assert_allclose(batch_rodrigues(torch.zeros(1, 3)).numpy()[0], np.eye(3), atol=1e-6)
+
+
+def test_zero_params_reproduce_template(standin):
+    out = standin(**zeros(standin, B=2))
+    assert out.vertices.shape == (2, 12788, 3)
+    torch.testing.assert_close(out.vertices[1], standin.v_template, atol=1e-6, rtol=0)
+
+
+def test_global_rotation_is_rigid_about_root(standin):
+    p = zeros(standin)
+    rv = torch.tensor([[0.1, 0.4, -0.2]])
+    p["global_pose"] = rv
+    out = standin(**p)
+    R = Rotation.from_rotvec(rv[0].numpy()).as_matrix()
+    j0 = (standin.J_regressor @ standin.v_template)[0].numpy()
+    expected = (standin.v_template.numpy() - j0) @ R.T + j0
+    np.testing.assert_allclose(out.vertices[0].numpy(), expected, atol=1e-5)
+
+
+def test_jaw_moves_only_jaw_weighted_vertices(standin):
+    p = zeros(standin)
+    p["jaw_pose"] = torch.tensor([[0.3, 0.0, 0.0]])
+    moved = (standin(**p).vertices[0] - standin.v_template).norm(dim=1)
+    jaw_w = standin.weights[:, 2]
+    assert moved[jaw_w == 0].max() < 1e-7
+    assert moved[jaw_w > 0.9].min() > 5e-3  # the chin swings by centimetres
+    # the chin landmark (8) drops (y decreases) when the jaw opens
+    base = standin(**zeros(standin)).landmarks3d[0, 8]
+    assert standin(**p).landmarks3d[0, 8, 1] < base[1] - 0.01
+
+
+def test_blendshapes_are_linear(standin):
+    p = zeros(standin)
+    p["shape"][0, 3] = 2.0
+    p["exp"][0, 5] = -1.5
+    out = standin(**p).vertices[0]
+    expected = standin.v_template + 2.0 * standin.dirs[:, :, 3] - 1.5 * standin.dirs[:, :, standin.n_shape + 5]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_landmarks_are_barycentric_points(standin_path):
+    assets = load_model(standin_path)
+    model = FlameModel(assets)
+    p = zeros(model)
+    p["exp"] = torch.randn(1, model.n_exp)
+    out = model(**p)
+    v = out.vertices[0].numpy()
+    lm = assets.landmarks
+    tri = assets.faces[lm.static_faces]
+    static = (v[tri] * lm.static_bary[:, :, None]).sum(1)
+    np.testing.assert_allclose(out.landmarks3d[0, 17:].numpy(), static, atol=1e-6)
+    tri = assets.faces[lm.dynamic_faces[0]]  # frontal row at zero yaw
+    contour = (v[tri] * lm.dynamic_bary[0][:, :, None]).sum(1)
+    np.testing.assert_allclose(out.landmarks3d[0, :17].numpy(), contour, atol=1e-6)
+
+
+@pytest.mark.parametrize("yaw,row", [(0.0, 0), (10.2, 10), (39.0, 39), (55.0, 39), (-1.0, 40), (-20.0, 59),
+                                     (-39.0, 78), (-70.0, 78)])
+def test_dynamic_rows(yaw, row):
+    assert int(dynamic_contour_rows(torch.tensor([yaw]))[0]) == row
+
+
+def test_yaw_picks_contour_row(standin_path):
+    assets = load_model(standin_path)
+    model = FlameModel(assets)
+    p = zeros(model)
+    p["global_pose"] = torch.tensor([[0.0, np.deg2rad(12.0), 0.0]], dtype=torch.float32)
+    p["neck_pose"] = torch.tensor([[0.0, np.deg2rad(-20.0), 0.0]], dtype=torch.float32)  # total yaw -8 degrees -> row 47
+    out = model(**p)
+    v = out.vertices[0].numpy()
+    lm = assets.landmarks
+    tri = assets.faces[lm.dynamic_faces[47]]
+    expected = (v[tri] * lm.dynamic_bary[47][:, :, None]).sum(1)
+    np.testing.assert_allclose(out.landmarks3d[0, :17].numpy(), expected, atol=1e-6)
+
+
+def test_lbs_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    V, J, K = 12, 3, 4
+    v_template = torch.randn(V, 3, dtype=torch.float64)
+    dirs = torch.randn(V, 3, K, dtype=torch.float64) * 0.1
+    posedirs = torch.randn(9 * (J - 1), V * 3, dtype=torch.float64) * 0.01
+    J_reg = torch.softmax(torch.randn(J, V, dtype=torch.float64), dim=1)
+    weights = torch.softmax(torch.randn(V, J, dtype=torch.float64), dim=1)
+    parents = torch.tensor([-1, 0, 1])
+    coeffs = torch.randn(1, K, dtype=torch.float64, requires_grad=True)
+    pose = (0.3 * torch.randn(1, J * 3, dtype=torch.float64)).requires_grad_(True)
+    fn = lambda c, p: lbs(c, p, v_template, dirs, posedirs, J_reg, parents, weights)[0]
+    assert torch.autograd.gradcheck(fn, (coeffs, pose), eps=1e-6, atol=1e-5)
