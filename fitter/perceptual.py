@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,7 +64,8 @@ class Perceptual(nn.Module):
         if len(mapped) != 26:
             raise AssetError(f"{path}: not a torchvision VGG16 state dict (found {len(mapped)} of 26 "
                              f"feature tensors); fix: download {VGG_URL}")
-        with contextlib.redirect_stdout(io.StringIO()):  # lpips prints its progress
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lpips prints progress; torchvision warns on its old arguments
             self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         try:
             self.lpips.net.load_state_dict(mapped, strict=True)
