@@ -14,21 +14,22 @@ from .render import render_mesh
 from .shading import sh_shading, vertex_normals
 
 
-def model_output(model: FlameModel, params: FitParams):
+def model_output(model: FlameModel, params: FitParams, lean: bool = False):
     return model(params.shape, params.exp, params.global_pose, params.neck_pose, params.jaw_pose,
-                 params.eye_pose)
+                 params.eye_pose, lean=lean)
 
 
 def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = True,
-               background: Tensor | None = None) -> dict:
+               background: Tensor | None = None, lean: bool = False) -> dict:
     """Evaluate a fit at crop resolution `res`.
 
     Returns vertices B x V x 3 (model space), landmarks2d B x 68 x 2 (crop pixels),
-    landmarks3d B x 68 x 3 and, when `render`: image B x 3 x res x res (albedo x SH shading,
+    landmarks3d B x 68 x 3 (lean, without render: only the vertices landmarks need are
+    evaluated, and `vertices` holds just those) and, when `render`: image B x 3 x res x res (albedo x SH shading,
     composited over `background` B x 3 x res x res or black), alpha B x 1 x res x res (soft),
     shading B x 3 x res x res (irradiance x alpha), pix_to_face B x res x res.
     """
-    out = model_output(model, params)
+    out = model_output(model, params, lean=lean and not render)
     lmk = ortho_project(out.landmarks3d, params.cam, res)[..., :2]
     pred = {"vertices": out.vertices, "landmarks2d": lmk, "landmarks3d": out.landmarks3d}
     if not render:

@@ -160,6 +160,26 @@ class FlameModel(nn.Module):
             self.register_buffer("dynamic_bary", f32(lm.dynamic_bary))
             self.register_buffer("full_faces", long(lm.full_faces).reshape(-1))
             self.register_buffer("full_bary", f32(lm.full_bary).reshape(-1, 3))
+            self._init_lean(assets)
+
+    def _init_lean(self, assets: FlameAssets) -> None:
+        """Buffers for evaluating only the vertices that landmarks and joints need: landmark-only
+        stages then skip the other (~99%) vertices. Exact, since joints regress from these alone."""
+        lm = assets.landmarks
+        tri_ids = np.concatenate([lm.static_faces.ravel(), lm.dynamic_faces.ravel(), lm.full_faces.ravel()])
+        ids = np.union1d(np.unique(assets.faces[tri_ids]), np.nonzero(np.abs(assets.J_regressor).sum(0))[0])
+        remap = np.full(assets.n_verts, -1, np.int64)
+        remap[ids] = np.arange(len(ids))
+        sub_faces = np.zeros_like(assets.faces)
+        sub_faces[tri_ids] = remap[assets.faces[tri_ids]]  # only landmark triangles are ever looked up
+        P = self.posedirs.shape[0]
+        idx = torch.as_tensor(ids)
+        self.register_buffer("lean_template", self.v_template[idx].clone())
+        self.register_buffer("lean_dirs", self.dirs[idx].clone())
+        self.register_buffer("lean_posedirs", self.posedirs.view(P, -1, 3)[:, idx].reshape(P, -1).clone())
+        self.register_buffer("lean_J_regressor", self.J_regressor[:, idx].clone())
+        self.register_buffer("lean_weights", self.weights[idx].clone())
+        self.register_buffer("lean_faces", torch.as_tensor(sub_faces))
 
     @property
     def n_verts(self) -> int:
@@ -179,17 +199,16 @@ class FlameModel(nn.Module):
         R = batch_rodrigues(pose[:, :6].reshape(-1, 3)).view(B, 2, 3, 3)
         return torch.rad2deg(rot_mat_to_yaw(R[:, 0] @ R[:, 1]))
 
-    def landmarks(self, vertices: Tensor, pose: Tensor) -> tuple[Tensor, Tensor]:
+    def landmarks(self, vertices: Tensor, pose: Tensor, faces: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """68 landmarks (dynamic contour) and the 68 with the fixed contour: B x 68 x 3 each."""
         B = vertices.shape[0]
+        faces = self.faces if faces is None else faces
         rows = dynamic_contour_rows(self.head_yaw_deg(pose).detach())
         dyn_faces, dyn_bary = self.dynamic_faces[rows], self.dynamic_bary[rows]  # B x 17 (x 3)
-        faces = torch.cat([dyn_faces, self.static_faces.expand(B, -1)], dim=1)
+        lmk_faces = torch.cat([dyn_faces, self.static_faces.expand(B, -1)], dim=1)
         bary = torch.cat([dyn_bary, self.static_bary.expand(B, -1, -1)], dim=1)
-        lmk = vertices2landmarks(vertices, self.faces, faces, bary)
-        full = vertices2landmarks(
-            vertices, self.faces, self.full_faces.expand(B, -1), self.full_bary.expand(B, -1, -1)
-        )
+        lmk = vertices2landmarks(vertices, faces, lmk_faces, bary)
+        full = vertices2landmarks(vertices, faces, self.full_faces.expand(B, -1), self.full_bary.expand(B, -1, -1))
         return lmk, full
 
     def forward(
@@ -201,19 +220,27 @@ class FlameModel(nn.Module):
         jaw_pose: Tensor,
         eye_pose: Tensor,
         transl: Tensor | None = None,
+        lean: bool = False,
     ) -> FlameOutput:
-        """shape B x n_shape, exp B x n_exp, poses B x 3 (eye B x 6), transl B x 3 -> FlameOutput."""
+        """shape B x n_shape, exp B x n_exp, poses B x 3 (eye B x 6), transl B x 3 -> FlameOutput.
+
+        lean: evaluate only the vertices landmarks and joints need (FlameOutput.vertices is then
+        that subset, B x V' x 3); landmarks and joints are identical to the full evaluation.
+        """
         pose = self.full_pose(global_pose, neck_pose, jaw_pose, eye_pose)
         coeffs = torch.cat([shape, exp], dim=1)
-        verts, joints = lbs(
-            coeffs, pose, self.v_template, self.dirs, self.posedirs, self.J_regressor, self.parents,
-            self.weights,
-        )
+        if lean and self.has_landmarks:
+            buffers = (self.lean_template, self.lean_dirs, self.lean_posedirs, self.lean_J_regressor)
+            weights, faces = self.lean_weights, self.lean_faces
+        else:
+            buffers = (self.v_template, self.dirs, self.posedirs, self.J_regressor)
+            weights, faces = self.weights, self.faces
+        verts, joints = lbs(coeffs, pose, *buffers, self.parents, weights)
         if transl is not None:
             verts = verts + transl[:, None]
             joints = joints + transl[:, None]
         if self.has_landmarks:
-            lmk, full = self.landmarks(verts, pose)
+            lmk, full = self.landmarks(verts, pose, faces)
         else:
             lmk = full = verts.new_zeros(verts.shape[0], 68, 3)
         return FlameOutput(verts, joints, lmk, full)

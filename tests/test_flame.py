@@ -114,3 +114,17 @@ def test_lbs_gradient_matches_finite_differences():
     pose = (0.3 * torch.randn(1, J * 3, dtype=torch.float64)).requires_grad_(True)
     fn = lambda c, p: lbs(c, p, v_template, dirs, posedirs, J_reg, parents, weights)[0]
     assert torch.autograd.gradcheck(fn, (coeffs, pose), eps=1e-6, atol=1e-5)
+
+
+def test_lean_evaluation_matches_full(standin):
+    torch.manual_seed(1)
+    p = zeros(standin, B=2)
+    p["shape"] = torch.randn(2, standin.n_shape)
+    p["exp"] = torch.randn(2, standin.n_exp)
+    p["global_pose"] = torch.tensor([[0.1, 0.5, 0.0], [0.0, -0.3, 0.1]])
+    p["jaw_pose"] = torch.tensor([[0.2, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    full, lean = standin(**p), standin(**p, lean=True)
+    assert lean.vertices.shape[1] < standin.n_verts // 5
+    torch.testing.assert_close(lean.landmarks3d, full.landmarks3d, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lean.landmarks3d_full, full.landmarks3d_full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lean.joints, full.joints, atol=1e-6, rtol=0)

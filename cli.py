@@ -1,0 +1,375 @@
+"""flamefit command line: a thin click layer over the library (parse, call, print, exit code)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from priors.errors import FlamefitError, UsageError
+
+console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def handle_errors(fn):
+    """Map flamefit errors to one coloured line and their exit code (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except FlamefitError as exc:
+            if debug:
+                traceback.print_exc()
+            console.print(f"[bold red]error:[/] {exc}")
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            sys.exit(130)
+
+    return wrapper
+
+
+class StageProgress:
+    """A rich progress bar per stage with live losses; silent when quiet."""
+
+    def __init__(self, quiet: bool, label: str = ""):
+        self.quiet = quiet
+        self.label = label
+        self.progress = None
+        self.tasks = {}
+
+    def __enter__(self):
+        if not self.quiet:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                                     "{task.total}"), TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
+                                     console=console, transient=True)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, stage: str, it: int, total: int, losses: dict):
+        if self.progress is None:
+            return
+        key = (self.label, stage)
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(f"{self.label} {stage}".strip(), total=total, losses="")
+        if it % 5 == 0 or it == total:
+            text = " ".join(f"{k}={v:.4g}" for k, v in list(losses.items())[:4])
+            self.progress.update(self.tasks[key], completed=it, losses=text)
+
+
+def expand_images(items) -> list[Path]:
+    """Image arguments: files as given, directories expanded to their images (sorted)."""
+    paths = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(p)
+    if not paths:
+        raise UsageError("no images given (a directory argument holds no .jpg/.png/.bmp/.webp files)")
+    return paths
+
+
+def report_outcome(path: Path, outcome, out_dir: Path | None, rows: list, quiet: bool):
+    if isinstance(outcome, FlamefitError):
+        console.print(f"[bold red]failed:[/] {outcome}")
+        rows.append({"image": str(path), "status": "failed", "error": str(outcome)})
+        return
+    rep = outcome.report
+    rows.append({"image": str(path), "status": "ok", "out": str(out_dir), "seconds": rep["seconds"],
+                 "landmark_rmse_px": rep["landmark_rmse_px"]})
+    if not quiet:
+        console.print(f"[green]fitted[/] {path.name} -> {out_dir}  ({rep['seconds']:.1f} s, landmark RMSE "
+                      f"{rep['landmark_rmse_px']:.2f} px)")
+
+
+def fit_options(fn):
+    """Options shared by `fit` and `fit-set`."""
+    opts = [
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder."),
+        click.option("--model", default=None, help="FLAME model file or folder (default: resolved)."),
+        click.option("--recipe", default="default", show_default=True, help="Recipe name or .toml path."),
+        click.option("--landmarks", default=None, type=click.Path(exists=True),
+                     help="Landmark file (one image) or folder of <stem>.pts/.npy/.json."),
+        click.option("--detector", type=click.Choice(["auto", "fan", "mediapipe", "file"]), default="auto",
+                     show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--batch-size", type=click.IntRange(1, 256), default=None,
+                     help="Images per batched optimisation (fit: 1; fit-set: mini-batch, 16)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--init", "init", type=click.Choice(["zero", "deca"]), default="zero", show_default=True),
+        click.option("--face-index", type=click.IntRange(0), default=None,
+                     help="Which face when several are found (0 = largest)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a recipe field, e.g. stages.photometric.weights.photo=4"),
+        click.option("--quiet", is_flag=True, help="No progress output."),
+        click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def check_device(device: str):
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; fix: use --device cpu")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def main(debug):
+    """flamefit: fit the FLAME head model to photos by analysis-by-synthesis."""
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@fit_options
+@handle_errors
+def fit(images, out, model, recipe, landmarks, detector, device, batch_size, seed, init, face_index,
+        overrides, quiet, as_json):
+    """Fit one FLAME head per IMAGE; writes OUT/<stem>/ (fit.npz, mesh.obj, overlay.png, fit.json)."""
+    from fitter.fit import fit_images, load_flame
+    from fitter.outputs import write_fit_outputs
+
+    check_device(device)
+    if init == "deca":
+        from fitter.deca import require_deca_compatible
+
+        require_deca_compatible(model)
+    paths = expand_images(images)
+    out_dir = Path(out)
+    flame = load_flame(model, device)
+    rows: list = []
+
+    def on_target(i, outcome):
+        folder = None
+        if not isinstance(outcome, FlamefitError):
+            try:
+                folder = write_fit_outputs(out_dir, outcome, flame)
+            except FlamefitError as exc:
+                outcome = exc
+        report_outcome(paths[i], outcome, folder, rows, quiet)
+
+    with StageProgress(quiet or as_json) as progress:
+        fit_images(paths, recipe=recipe, model=flame, detector=detector, landmarks=landmarks, device=device,
+                   batch_size=batch_size or 1, seed=seed, overrides=overrides, face_index=face_index,
+                   progress=progress, on_target=on_target, init=init)
+    failed = sum(r["status"] != "ok" for r in rows)
+    if as_json:
+        out_console.print_json(json.dumps({"results": rows, "failed": failed}))
+    if failed:
+        console.print(f"[bold red]{failed} of {len(rows)} image(s) failed[/]")
+        sys.exit(1)
+
+
+@main.command("fit-set")
+@click.argument("images", nargs=-1, required=True)
+@fit_options
+@click.option("--shape-mode", type=click.Choice(["shared", "consistency"]), default=None,
+              help="One shared shape (default), or per-image shapes tied by the consistency loss.")
+@click.option("--negatives", multiple=True, type=click.Path(exists=True),
+              help="fit.npz / identity.npz files or folders of other identities (consistency hinge).")
+@handle_errors
+def fit_set(images, out, model, recipe, landmarks, detector, device, batch_size, seed, init, face_index,
+            overrides, quiet, as_json, shape_mode, negatives):
+    """Fit photos of ONE person into one identity; writes OUT/identity.npz and OUT/<stem>/ per image."""
+    from fitter.fit import load_flame
+    from fitter.fitset import fit_set as run_fit_set
+    from fitter.fitset import write_identity
+    from fitter.outputs import write_fit_outputs
+
+    check_device(device)
+    if init != "zero":
+        raise UsageError("fit-set: --init deca is not supported for sets yet; fix: use --init zero")
+    if recipe == "default":
+        recipe = "identity-set"
+    paths = expand_images(images)
+    out_dir = Path(out)
+    flame = load_flame(model, device)
+    rows: list = []
+    with StageProgress(quiet or as_json, label="set") as progress:
+        identity, results = run_fit_set(
+            paths, recipe=recipe, model=flame, detector=detector, landmarks=landmarks, device=device,
+            batch_size=batch_size or 16, seed=seed, overrides=overrides, shape_mode=shape_mode, negatives=negatives,
+            face_index=face_index, progress=progress,
+            on_error=lambda p, exc: report_outcome(p, exc, None, rows, quiet))
+    for r in results:
+        try:
+            report_outcome(r.target.path, r, write_fit_outputs(out_dir, r, flame), rows, quiet)
+        except FlamefitError as exc:
+            report_outcome(r.target.path, exc, None, rows, quiet)
+    identity_path = write_identity(out_dir, identity)
+    failed = sum(r["status"] != "ok" for r in rows)
+    if not quiet:
+        console.print(f"[green]identity[/] ({identity.shape_mode}, {len(identity.images)} images, shape spread "
+                      f"{identity.spread:.3f}) -> {identity_path}")
+    if as_json:
+        out_console.print_json(json.dumps({"results": rows, "failed": failed, "identity": str(identity_path),
+                                           "shape_mode": identity.shape_mode, "shape_spread": identity.spread}))
+    if failed:
+        console.print(f"[bold red]{failed} of {len(rows)} image(s) failed[/]")
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--source", "source", required=True, help="Source photo or fit.npz (gives the expression).")
+@click.option("--target", "target", required=True, help="Target photo or fit.npz (keeps its identity).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--mode", type=click.Choice(["swap", "mix", "optimize"]), default="swap", show_default=True)
+@click.option("--mix", "mix_spec", default=None, help='Layer weights, e.g. "exp.coarse=1,exp.mid=0.5,jaw=1".')
+@click.option("--regions", default=None, help="Restrict the expression to regions: mouth,eyes,brows,nose,jaw.")
+@click.option("--eyes", is_flag=True, help="swap: take the source's eye pose too.")
+@click.option("--model", default=None)
+@click.option("--recipe", default="default", show_default=True, help="Recipe for photos fitted on the fly.")
+@click.option("--detector", type=click.Choice(["auto", "fan", "mediapipe"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True)
+@handle_errors
+def transfer(source, target, out, mode, mix_spec, regions, eyes, model, recipe, detector, device, quiet):
+    """Put SOURCE's expression on TARGET (swap, layer mix, or optimised mix)."""
+    from fitter.edits import load_source, run_transfer, write_transfer
+    from fitter.fit import load_flame
+    from fitter.transfer import parse_mix_spec
+
+    check_device(device)
+    if mix_spec:
+        parse_mix_spec(mix_spec)  # fail before any fitting
+    flame = load_flame(model, device)
+    with StageProgress(quiet) as progress:
+        src = load_source(source, flame, recipe, detector, device, progress)
+        tgt = load_source(target, flame, recipe, detector, device, progress)
+    result = run_transfer(flame, src, tgt, mode=mode, mix_spec=mix_spec, regions=regions, eyes=eyes)
+    folder = write_transfer(out, flame, src, tgt, result)
+    if result.alphas is not None and not quiet:
+        console.print("alphas: " + ", ".join(f"{k}={v:g}" for k, v in result.alphas.items()))
+    console.print(f"[green]wrote[/] {folder}/transfer.npz, mesh.obj, transfer.png")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--expressions", multiple=True, help="Folder or files (photos or fit.npz); repeatable.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--yaw-sweep", is_flag=True, help="Add a head turn from -30 to 30 degrees.")
+@click.option("--jaw-sweep", is_flag=True, help="Add a jaw opening from 0 to 30 degrees.")
+@click.option("--fps", type=click.IntRange(1, 60), default=10, show_default=True)
+@click.option("--model", default=None)
+@click.option("--recipe", default="default", show_default=True, help="Recipe for photos fitted on the fly.")
+@click.option("--detector", type=click.Choice(["auto", "fan", "mediapipe"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True)
+@handle_errors
+def animate(target, expressions, out, yaw_sweep, jaw_sweep, fps, model, recipe, detector, device, quiet):
+    """Drive TARGET with each expression (and optional sweeps); writes OUT/frames/ and OUT/animation.gif."""
+    from fitter.edits import animation_params, load_source, write_animation
+    from fitter.fit import load_flame
+
+    check_device(device)
+    flame = load_flame(model, device)
+    items = []
+    for e in expressions:
+        p = Path(e)
+        if p.is_dir():
+            items += sorted(q for q in p.rglob("*") if q.name == "fit.npz" or q.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            items.append(p)
+    with StageProgress(quiet) as progress:
+        tgt = load_source(target, flame, recipe, detector, device, progress)
+        sources = [load_source(p, flame, recipe, detector, device, progress) for p in items]
+        frames = animation_params(tgt, sources, yaw_sweep, jaw_sweep)
+        folder = write_animation(out, flame, tgt, frames, fps, progress)
+    console.print(f"[green]wrote[/] {len(frames)} frames -> {folder}/frames/, {folder}/animation.gif")
+
+
+@main.command()
+@click.argument("fit_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+@click.option("--yaw", type=float, default=0.0, show_default=True, help="Extra head yaw in degrees.")
+@click.option("--size", type=click.IntRange(32, 4096), default=512, show_default=True)
+@click.option("--background", type=click.Choice(["none", "photo"]), default="none", show_default=True)
+@click.option("--model", default=None)
+@handle_errors
+def render(fit_file, out, yaw, size, background, model):
+    """Render a fit.npz (grey shaded geometry, or its fitted appearance over the photo)."""
+    from fitter.views import render_fit_file
+
+    render_fit_file(fit_file, out, yaw=yaw, size=size, background=background, model=model)
+    console.print(f"[green]wrote[/] {out}")
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+@handle_errors
+def recipes(ctx):
+    """List the built-in recipes (or `recipes show NAME`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fitter.recipe import builtin_names, load_recipe
+
+    table = Table("recipe", "stages", "iterations", "description")
+    for name in builtin_names():
+        r = load_recipe(name)
+        table.add_row(name, ", ".join(s.name for s in r.stages), str(r.total_iterations), r.description)
+    out_console.print(table)
+
+
+@recipes.command("show")
+@click.argument("name")
+@handle_errors
+def recipes_show(name):
+    """Print a recipe file."""
+    from fitter.recipe import load_recipe, recipe_path
+
+    load_recipe(name)  # validates
+    click.echo(recipe_path(name).read_text(encoding="utf-8"), nl=False)
+
+
+@main.command()
+@click.option("--model", default=None)
+@handle_errors
+def doctor(model):
+    """What is installed and usable, with the fix for anything missing."""
+    from priors.doctor import doctor_items
+
+    table = Table("item", "status", "detail", "fix")
+    for item in doctor_items(model):
+        status = "[green]ok[/]" if item.ok else "[yellow]missing[/]"
+        table.add_row(item.name, status, item.detail, "" if item.ok else item.fix)
+    out_console.print(table)
+
+
+@main.group()
+def assets():
+    """Install model assets into the flamefit cache."""
+
+
+@assets.command("install")
+@click.argument("path", type=click.Path(exists=True))
+@handle_errors
+def assets_install(path):
+    """Convert/copy a FLAME model, texture space, masks or DECA weights into the cache."""
+    from priors.assets import install_asset
+
+    kind, installed = install_asset(path)
+    console.print(f"[green]installed[/] {kind}: {installed}")
+
+
+if __name__ == "__main__":
+    main()

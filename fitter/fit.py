@@ -1,0 +1,332 @@
+"""Fitting photos: targets from images, the objective, batched optimisation, results.
+
+Library entry point: `fit_images(paths, recipe=..., model=...)` returns one FitResult (or
+the error) per image; the CLI only writes them to files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from priors.assets import load_model, resolve_model_path
+from priors.errors import FlamefitError, LandmarkError, NoFaceError, UsageError
+from priors.flame import FlameModel
+from priors.mesh import mesh_edges, mirror_index
+
+from . import detect, io
+from .camera import ortho_init_from_landmarks
+from .losses import TERMS, Context, landmark_weights
+from .optimize import Progress, StageReport, run_recipe
+from .params import FitParams
+from .perceptual import load_perceptual
+from .recipe import Recipe, Stage, load_recipe
+from .synth import face_mask_polygon, model_output, synthesize
+
+
+# ----------------------------------------------------------------------------- targets
+@dataclass
+class Target:
+    """One photo prepared for fitting (numpy, original image kept for outputs)."""
+
+    path: Path
+    image: np.ndarray  # H x W x 3 uint8, as read (possibly downscaled from the file)
+    scale: float  # pixels of `image` per pixel of the original file
+    box: np.ndarray  # [cx, cy, size] in `image` pixels
+    crop: np.ndarray  # res x res x 3 float32 in [0, 1]
+    landmarks: np.ndarray  # 68 x 2 in `image` pixels
+    landmarks_crop: np.ndarray  # 68 x 2 in crop pixels
+    mask: np.ndarray  # res x res float32 face region (landmark polygon)
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        h, w = self.image.shape[:2]
+        return round(h / self.scale), round(w / self.scale)
+
+
+@dataclass
+class Targets:
+    """A batch of targets as tensors: image B x 3 x R x R, landmarks B x 68 x 2, mask B x 1 x R x R."""
+
+    image: Tensor
+    landmarks: Tensor
+    mask: Tensor
+    lmk_weights: Tensor
+
+    def select(self, rows: Tensor) -> Targets:
+        return Targets(self.image[rows], self.landmarks[rows], self.mask[rows], self.lmk_weights)
+
+
+def polygon_mask(points: np.ndarray, res: int) -> np.ndarray:
+    """Filled polygon (crop pixels, corner convention) -> res x res float32 mask, lightly feathered."""
+    mask = np.zeros((res, res), np.uint8)
+    hull = cv2.convexHull((points * 16).round().astype(np.int32))
+    cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=4)
+    return cv2.GaussianBlur(mask, (0, 0), res / 224.0).astype(np.float32) / 255.0
+
+
+def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = None, detector: str = "auto",
+                   device: str = "cpu", face_index: int | None = None) -> Target:
+    """Read an image, get its 68 landmarks (file or detector), crop around them."""
+    path = Path(path)
+    image, scale = io.read_image_with_scale(path)
+    if landmarks_file is not None:
+        lmk = io.read_landmarks(landmarks_file) * scale
+        h, w = image.shape[:2]
+        inside = (lmk[:, 0] > -0.5 * w) & (lmk[:, 0] < 1.5 * w) & (lmk[:, 1] > -0.5 * h) & (lmk[:, 1] < 1.5 * h)
+        if not inside.all():
+            raise LandmarkError(f"{landmarks_file}: landmarks lie far outside {path.name} ({w}x{h} px); "
+                                "fix: give landmarks in that image's pixel coordinates")
+    else:
+        try:
+            lmk = detect.detect_landmarks(image, detector=detector, device=device, face_index=face_index)
+        except NoFaceError as exc:
+            raise NoFaceError(f"{path}: {exc}") from None
+    box = detect.square_box(lmk)
+    crop = detect.crop_image(image, box, res)
+    lmk_crop = detect.to_crop(lmk, box, res).astype(np.float32)
+    mask = polygon_mask(face_mask_polygon(lmk_crop), res)
+    return Target(path, image, scale, box, crop, lmk.astype(np.float32), lmk_crop, mask)
+
+
+def prepare_from_args(path: Path, res: int, landmarks: Path | None, detector: str, device: str,
+                      face_index: int | None) -> Target:
+    """prepare_target with the CLI's landmark rules: --landmarks file or folder, --detector file."""
+    lmk_file = io.landmarks_for_image(path, landmarks) if landmarks is not None else None
+    if detector == "file" and lmk_file is None:
+        where = f"in {landmarks}" if landmarks is not None else "(no --landmarks given)"
+        raise LandmarkError(f"{path}: no landmark file {path.stem}.pts/.npy/.json {where}; fix: add it or use "
+                            "--detector auto")
+    return prepare_target(path, res, lmk_file, "auto" if detector == "file" else detector, device, face_index)
+
+
+def stack_targets(targets: list[Target], region_weights: dict, device) -> Targets:
+    img = torch.stack([torch.from_numpy(t.crop).permute(2, 0, 1) for t in targets]).to(device)
+    lmk = torch.stack([torch.from_numpy(t.landmarks_crop) for t in targets]).to(device)
+    mask = torch.stack([torch.from_numpy(t.mask)[None] for t in targets]).to(device)
+    return Targets(img, lmk, mask, landmark_weights(region_weights).to(device))
+
+
+# ----------------------------------------------------------------------------- model
+def load_flame(model: str | Path | FlameModel | None = None, device: str = "cpu",
+               n_shape: int | None = None, n_exp: int | None = None) -> FlameModel:
+    """A FlameModel from a path (or the resolved default), on `device`."""
+    if isinstance(model, FlameModel):
+        return model.to(device)
+    assets = load_model(resolve_model_path(model), n_shape=n_shape, n_exp=n_exp)
+    if assets.landmarks is None:
+        raise UsageError(f"{assets.source}: the model has no landmark embedding; fix: put "
+                         "landmark_embedding.npy next to it, then `cli.py assets install` it again")
+    return FlameModel(assets).to(device)
+
+
+@dataclass
+class FitSetup:
+    """Everything fixed for a fit of a batch: model, recipe, per-model helpers, perceptual module."""
+
+    model: FlameModel
+    recipe: Recipe
+    device: str
+    extra: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+_MESH_CACHE: dict[str, tuple[Tensor, Tensor]] = {}
+
+
+def make_setup(model: FlameModel, recipe: Recipe, device: str = "cpu") -> FitSetup:
+    if model.tag not in _MESH_CACHE:
+        _MESH_CACHE[model.tag] = (mesh_edges(model.faces.cpu()), mirror_index(model.v_template.cpu()))
+    edges, mirror = _MESH_CACHE[model.tag]
+    extra = {"edges": edges.to(device), "mirror": mirror.to(device), "margin": recipe.consistency_margin}
+    warnings = []
+    if recipe.uses("perceptual"):
+        module, warning = load_perceptual(recipe.perceptual)
+        if module is not None:
+            extra["perceptual"] = module.to(device)
+        else:  # 'auto' without VGG weights: the term is dropped, and fit.json says so
+            recipe = without_term(recipe, "perceptual")
+            warnings.append(warning)
+    return FitSetup(model, recipe, device, extra, warnings)
+
+
+def without_term(recipe: Recipe, term: str) -> Recipe:
+    stages = [replace(s, weights={k: w for k, w in s.weights.items() if k != term}) for s in recipe.stages]
+    return replace(recipe, stages=stages)
+
+
+# ----------------------------------------------------------------------------- objective
+def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
+    """objective(params, stage, rows) -> (per-image total, per-term weighted values) for those rows."""
+    res = setup.recipe.resolution
+
+    def objective(params: FitParams, stage: Stage, rows: Tensor):
+        if tie_shape:  # one identity for the whole set (fit-set, shared mode)
+            params = _with_shared_shape(params)
+        chunk, tgt = params.select(rows), targets.select(rows)
+        needs_render = any(TERMS[t].needs_render for t, w in stage.weights.items() if w > 0)
+        pred = synthesize(setup.model, chunk, res, render=needs_render,
+                          background=tgt.image if needs_render else None, lean=True)
+        extra = {**setup.extra, "set_shapes": params.shape, "rows": rows}
+        ctx = Context(chunk, pred, tgt, res, extra)
+        terms = {name: w * TERMS[name].fn(ctx) for name, w in stage.weights.items() if w > 0}
+        total = torch.stack(list(terms.values())).sum(0) if terms else chunk.shape.new_zeros(chunk.batch)
+        return total, terms
+
+    return objective
+
+
+def _with_shared_shape(params: FitParams) -> FitParams:
+    """Every image uses row 0's shape and albedo (the identity); gradients gather there."""
+    B = params.batch
+    return FitParams(**{**dict(params.items()),
+                        "shape": params.shape[:1].expand(B, -1),
+                        "albedo": params.albedo[:1].expand(B, *params.albedo.shape[1:])})
+
+
+def initial_params(setup: FitSetup, targets: Targets) -> FitParams:
+    """Neutral head with the camera solved in closed form from the landmarks."""
+    m = setup.model
+    B = targets.landmarks.shape[0]
+    params = FitParams.initial(B, m.n_shape, m.n_exp, m.n_verts, device=setup.device)
+    with torch.no_grad():
+        out = model_output(m, params)
+        params.cam = ortho_init_from_landmarks(out.landmarks3d_full, targets.landmarks,
+                                               setup.recipe.resolution)
+    return params
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class FitResult:
+    target: Target
+    params: FitParams  # batch of 1
+    vertices: np.ndarray  # V x 3, model space
+    landmarks2d: np.ndarray  # 68 x 2, original image pixels
+    landmarks2d_target: np.ndarray  # 68 x 2, original image pixels
+    report: dict  # fit.json content
+    model_tag: str
+    recipe_name: str
+
+
+def crop_to_original(points: np.ndarray, target: Target, res: int) -> np.ndarray:
+    return (detect.from_crop(points, target.box, res) / target.scale).astype(np.float32)
+
+
+def landmark_rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(((a - b) ** 2).sum(1).mean()))
+
+
+def collect_results(setup: FitSetup, targets: list[Target], params: FitParams, reports: list[StageReport],
+                    seconds: float, warnings: list[str]) -> list[FitResult]:
+    res = setup.recipe.resolution
+    with torch.no_grad():
+        pred = synthesize(setup.model, params, res, render=False)
+    results = []
+    for i, t in enumerate(targets):
+        lmk = crop_to_original(pred["landmarks2d"][i].cpu().numpy(), t, res)
+        lmk_t = (t.landmarks / t.scale).astype(np.float32)
+        stages = [{"name": r.name, "iterations": r.iterations, "seconds": round(r.seconds, 3),
+                   "losses": {k: v[i] for k, v in r.losses.items()}, **({"events": r.events} if r.events else {})}
+                  for r in reports]
+        report = {
+            "image": str(t.path), "model": setup.model.tag, "recipe": setup.recipe.name,
+            "device": setup.device, "seconds": round(seconds, 3),
+            "iterations": sum(r.iterations for r in reports), "stages": stages,
+            "landmark_rmse_px": round(landmark_rmse(lmk, lmk_t), 3),
+        }
+        if warnings:
+            report["warnings"] = list(warnings)
+        results.append(FitResult(t, params.select(i), pred["vertices"][i].cpu().numpy(), lmk, lmk_t, report,
+                                 setup.model.tag, setup.recipe.name))
+    return results
+
+
+def fit_targets(setup: FitSetup, targets: list[Target], progress: Progress | None = None, seed: int = 0,
+                init: FitParams | None = None, tie_shape: bool = False, optimizer: str = "adam",
+                ) -> list[FitResult]:
+    """Fit a batch of prepared targets jointly (own parameters each unless tie_shape)."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
+    params = init if init is not None else initial_params(setup, batch)
+    objective = make_objective(setup, batch, tie_shape=tie_shape)
+    params, reports = run_recipe(params, setup.recipe, objective, progress, optimizer)
+    if tie_shape:
+        params = _with_shared_shape(params).map(lambda t: t.contiguous())
+    return collect_results(setup, targets, params, reports, time.perf_counter() - start, setup.warnings)
+
+
+def deca_initializer(setup: FitSetup):
+    """A function targets -> initial FitParams from DECA's encoder (FLAME only; weights from the cache)."""
+    from priors.deca import deca_initial_params, default_deca_path, load_deca_encoder, require_flame_topology
+
+    require_flame_topology(setup.model)
+    encoder = load_deca_encoder(default_deca_path()).to(setup.device).eval()
+
+    def initialize(targets: list[Target]) -> FitParams:
+        batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
+        crops = torch.nn.functional.interpolate(batch.image, size=(224, 224), mode="bilinear", align_corners=False)
+        return deca_initial_params(encoder, crops, setup.model, initial_params(setup, batch))
+
+    return initialize
+
+
+def fit_images(paths, recipe: str | Recipe = "default", model=None, detector: str = "auto",
+               landmarks: str | Path | None = None, device: str = "cpu", batch_size: int = 1, seed: int = 0,
+               overrides=(), face_index: int | None = None, progress: Progress | None = None,
+               on_target=None, init: str = "zero") -> list[FitResult | FlamefitError]:
+    """Fit each image on its own (batched `batch_size` at a time). Returns, per image, its
+    FitResult or the FlamefitError that stopped it; one bad image never stops the others.
+    `on_target(i, result_or_error)` is called as soon as an image's outcome is known.
+    init: "zero" (neutral head, camera from the landmarks) or "deca" (DECA encoder warm start)."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    flame = load_flame(model, device)
+    setup = make_setup(flame, recipe, device)
+    initializer = deca_initializer(setup) if init == "deca" else None
+    paths = [Path(p) for p in paths]
+    lmk_arg = Path(landmarks) if landmarks is not None else None
+    if lmk_arg is not None and lmk_arg.is_file() and len(paths) > 1:
+        raise UsageError(f"--landmarks {lmk_arg}: a single file serves one image; fix: for several images "
+                         "give a directory holding <stem>.pts/.npy/.json")
+    outcomes: list = [None] * len(paths)
+    ready: list[tuple[int, Target]] = []
+
+    def flush():
+        if not ready:
+            return
+        idx = [i for i, _ in ready]
+        try:
+            batch = [t for _, t in ready]
+            start = initializer(batch) if initializer else None
+            fitted = fit_targets(setup, batch, progress, seed, init=start)
+        except FlamefitError as exc:
+            fitted = [exc] * len(idx)
+        for i, r in zip(idx, fitted, strict=True):
+            outcomes[i] = r
+            if on_target:
+                on_target(i, r)
+        ready.clear()
+
+    for i, p in enumerate(paths):
+        try:
+            ready.append((i, prepare_from_args(p, recipe.resolution, lmk_arg, detector, device, face_index)))
+        except FlamefitError as exc:
+            outcomes[i] = exc
+            if on_target:
+                on_target(i, exc)
+            continue
+        if len(ready) >= batch_size:
+            flush()
+    flush()
+    return outcomes

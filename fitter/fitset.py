@@ -1,0 +1,127 @@
+"""Fitting a set of photos of one person into one identity.
+
+`shared`: one shape (and albedo) for every image, optimised jointly; per-image expression,
+pose, camera and light. `consistency`: each image keeps its own shape, tied by the
+RingNet-style consistency term (hinge against other identities' shapes + a pull to the set
+mean); the identity written is the mean shape. Same loop as `fit`, over mini-batches of
+images whose gradients are accumulated (bounded memory for big sets).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from priors.errors import FlamefitError, UsageError
+
+from .fit import (
+    FitResult, Target, collect_results, initial_params, load_flame, make_objective, make_setup, prepare_from_args,
+    stack_targets,
+)
+from .optimize import Progress, run_recipe
+from .params import load_fit
+from .recipe import Recipe, load_recipe
+
+
+@dataclass
+class Identity:
+    shape: np.ndarray  # (n_shape,)
+    albedo: np.ndarray  # (V, 3) or (n_tex,)
+    images: list[str]  # stems of the images that were fitted
+    shape_mode: str
+    spread: float  # RMS distance of the per-image shapes to their mean (0 in shared mode)
+
+
+def load_negative_shapes(items, n_shape: int) -> torch.Tensor | None:
+    """Shapes of other identities from fit.npz / identity.npz files or folders holding them -> N x n_shape."""
+    shapes = []
+    for item in items or ():
+        p = Path(item)
+        files = sorted(p.rglob("fit.npz")) + sorted(p.rglob("identity.npz")) if p.is_dir() else [p]
+        if not files:
+            raise UsageError(f"--negatives {p}: no fit.npz or identity.npz inside; fix: point at fits of other people")
+        for f in files:
+            if f.name == "identity.npz":
+                with np.load(f, allow_pickle=False) as data:
+                    shape = data["shape"]
+            else:
+                shape = load_fit(f)[0].shape[0].numpy()
+            if shape.shape != (n_shape,):
+                raise UsageError(f"{f}: {shape.shape[0]} shape coefficients, this model has {n_shape}; fix: use "
+                                 "negatives fitted with the same model")
+            shapes.append(torch.as_tensor(shape, dtype=torch.float32))
+    return torch.stack(shapes) if shapes else None
+
+
+def mini_batches(n: int, size: int, device) -> list[torch.Tensor]:
+    return [torch.arange(i, min(i + size, n), device=device) for i in range(0, n, size)]
+
+
+def fit_identity(targets: list[Target], setup, shape_mode: str = "shared", negatives=None, batch_size: int = 16,
+                 progress: Progress | None = None, seed: int = 0) -> tuple[Identity, list[FitResult]]:
+    """Jointly fit prepared targets of one person."""
+    if shape_mode not in ("shared", "consistency"):
+        raise UsageError(f"--shape-mode {shape_mode}: use shared or consistency")
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
+    if negatives is not None:
+        setup.extra["negatives"] = negatives.to(setup.device)
+    params = initial_params(setup, batch)
+    objective = make_objective(setup, batch, tie_shape=shape_mode == "shared")
+    chunks = mini_batches(len(targets), batch_size, setup.device)
+    params, reports = run_recipe(params, setup.recipe, objective, progress, chunks=chunks)
+    if shape_mode == "shared":
+        params.shape = params.shape[:1].expand_as(params.shape).contiguous()
+        params.albedo = params.albedo[:1].expand_as(params.albedo).contiguous()
+    results = collect_results(setup, targets, params, reports, time.perf_counter() - start, setup.warnings)
+    shapes = params.shape
+    mean_shape = shapes.mean(0)
+    spread = float(((shapes - mean_shape) ** 2).sum(1).mean().sqrt())
+    identity = Identity(mean_shape.cpu().numpy(), params.albedo.mean(0).cpu().numpy(), [t.stem for t in targets],
+                        shape_mode, spread)
+    for r in results:
+        r.report["shape_mode"] = shape_mode
+    return identity, results
+
+
+def fit_set(paths, recipe: str | Recipe = "identity-set", model=None, detector: str = "auto", landmarks=None,
+            device: str = "cpu", batch_size: int = 16, seed: int = 0, overrides=(), shape_mode: str | None = None,
+            negatives=None, face_index=None, progress: Progress | None = None,
+            on_error=None) -> tuple[Identity, list[FitResult]]:
+    """Prepare every image (bad ones reported through on_error(path, error) and skipped), then fit
+    them as one identity."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    flame = load_flame(model, device)
+    setup = make_setup(flame, recipe, device)
+    mode = shape_mode or recipe.shape_mode
+    neg = load_negative_shapes(negatives, flame.n_shape)
+    lmk_arg = Path(landmarks) if landmarks is not None else None
+    if lmk_arg is not None and lmk_arg.is_file():
+        raise UsageError(f"--landmarks {lmk_arg}: fit-set needs a directory of <stem>.pts/.npy/.json files")
+    targets = []
+    for p in map(Path, paths):
+        try:
+            targets.append(prepare_from_args(p, recipe.resolution, lmk_arg, detector, device, face_index))
+        except FlamefitError as exc:
+            if on_error is None:
+                raise
+            on_error(p, exc)
+    if not targets:
+        raise UsageError("fit-set: no image could be prepared; see the errors above")
+    return fit_identity(targets, setup, mode, neg, batch_size, progress, seed)
+
+
+def write_identity(out_dir: Path, identity: Identity) -> Path:
+    path = Path(out_dir) / "identity.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, shape=identity.shape.astype(np.float32), albedo=identity.albedo.astype(np.float32),
+             images=np.array(identity.images), shape_mode=np.array(identity.shape_mode),
+             shape_spread=np.float32(identity.spread))
+    tmp.replace(path)
+    return path
