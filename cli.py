@@ -15,8 +15,9 @@ from rich.table import Table
 
 from priors.errors import FlamefitError, UsageError
 
-console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
+_WARNED: set[str] = set()  # warnings already shown in this run
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -92,6 +93,10 @@ def report_outcome(path: Path, outcome, out_dir: Path | None, rows: list, quiet:
         rows.append({"image": str(path), "status": "failed", "error": str(outcome)})
         return
     rep = outcome.report
+    for warning in rep.get("warnings", []):
+        if warning not in _WARNED:
+            _WARNED.add(warning)
+            console.print(f"[yellow]warning:[/] {warning}")
     rows.append({"image": str(path), "status": "ok", "out": str(out_dir), "seconds": rep["seconds"],
                  "landmark_rmse_px": rep["landmark_rmse_px"]})
     if not quiet:

@@ -76,10 +76,15 @@ def polygon_mask(points: np.ndarray, res: int) -> np.ndarray:
 
 
 def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = None, detector: str = "auto",
-                   device: str = "cpu", face_index: int | None = None) -> Target:
-    """Read an image, get its 68 landmarks (file or detector), crop around them."""
+                   device: str = "cpu", face_index: int | None = None, where: Path | None = None) -> Target:
+    """Read an image, get its 68 landmarks (file, or a detector unless detector == "file"), crop
+    around them. `where`: the --landmarks argument, for the message when a file is required."""
     path = Path(path)
     image, scale = io.read_image_with_scale(path)
+    if landmarks_file is None and detector == "file":
+        place = f"in {where}" if where is not None else "(no --landmarks given)"
+        raise LandmarkError(f"{path}: no landmark file {path.stem}.pts/.npy/.json {place}; fix: add it or use "
+                            "--detector auto")
     if landmarks_file is not None:
         lmk = io.read_landmarks(landmarks_file) * scale
         h, w = image.shape[:2]
@@ -103,11 +108,7 @@ def prepare_from_args(path: Path, res: int, landmarks: Path | None, detector: st
                       face_index: int | None) -> Target:
     """prepare_target with the CLI's landmark rules: --landmarks file or folder, --detector file."""
     lmk_file = io.landmarks_for_image(path, landmarks) if landmarks is not None else None
-    if detector == "file" and lmk_file is None:
-        where = f"in {landmarks}" if landmarks is not None else "(no --landmarks given)"
-        raise LandmarkError(f"{path}: no landmark file {path.stem}.pts/.npy/.json {where}; fix: add it or use "
-                            "--detector auto")
-    return prepare_target(path, res, lmk_file, "auto" if detector == "file" else detector, device, face_index)
+    return prepare_target(path, res, lmk_file, detector, device, face_index, where=landmarks)
 
 
 def stack_targets(targets: list[Target], region_weights: dict, device) -> Targets:

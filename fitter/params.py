@@ -125,5 +125,5 @@ def load_fit(path: str | Path, device="cpu") -> tuple[FitParams, dict]:
                          "to produce a complete fit")
     params = FitParams(**{n: torch.as_tensor(content.pop(n), dtype=torch.float32, device=device)[None]
                           for n in FitParams.names()})
-    extras = {k: (str(v) if v.dtype.kind == "U" else v) for k, v in content.items()}
+    extras = {k: (str(v) if v.dtype.kind == "U" and v.ndim == 0 else v) for k, v in content.items()}
     return params, extras

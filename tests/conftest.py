@@ -42,3 +42,29 @@ def standin_path() -> Path:
     if not (path / "generic_model.pkl").is_file():
         pytest.skip(f"ICT-FLAME stand-in not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def standin_model(standin_path):
+    """The stand-in as a FlameModel (CPU), loaded once per session."""
+    from fitter.fit import load_flame
+
+    return load_flame(standin_path)
+
+
+@pytest.fixture(scope="session")
+def photo_set(standin_model, tmp_path_factory):
+    """Two synthetic 'photos' of known faces rendered with the stand-in, each with an exact
+    landmark file (<stem>.npy, original pixels). Returns (folder, [(path, params, landmarks)])."""
+    import numpy as np
+
+    from bench.synthetic import random_params, render_photo, write_case
+
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(7)
+    cases = []
+    for k, yaw in enumerate((-15.0, 20.0)):
+        params = random_params(standin_model, rng, yaw_deg=yaw)
+        image, lmk = render_photo(standin_model, params, rng, size=320)
+        cases.append((write_case(folder, f"face{k}", image, lmk), params, lmk))
+    return folder, cases

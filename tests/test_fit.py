@@ -1,0 +1,108 @@
+"""The fit pipeline end to end on synthetic photos with known answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from bench.synthetic import face_error_mm, face_region, true_vertices
+from fitter import io
+from fitter.fit import fit_images
+from fitter.outputs import write_fit_outputs
+from priors.errors import ImageError, LandmarkError
+
+FAST = ["stages.landmarks.patience=0"]
+
+
+def test_fast_fit_recovers_known_face(standin_model, photo_set):
+    folder, cases = photo_set
+    path, params, lmk = cases[0]
+    [result] = fit_images([path], recipe="fast", model=standin_model, landmarks=folder, detector="file",
+                          overrides=FAST)
+    # landmarks in original pixels, against the exact projected model landmarks
+    assert result.landmarks2d.shape == (68, 2)
+    np.testing.assert_allclose(result.landmarks2d_target, lmk, atol=1e-4)
+    assert result.report["landmark_rmse_px"] < 1.5
+    # geometry: face-area error after similarity alignment, far below the neutral head's
+    region = face_region(standin_model)
+    truth = true_vertices(standin_model, params)
+    err = face_error_mm(result.vertices, truth, region)
+    neutral = face_error_mm(standin_model.v_template.numpy(), truth, region)
+    assert err < 0.6 * neutral and err < 3.0
+    # the expression's main effect, the jaw opening, is recovered in sign and rough size
+    assert abs(float(result.params.jaw_pose[0, 0]) - float(params.jaw_pose[0, 0])) < 0.1
+
+
+def test_same_seed_same_result(standin_model, photo_set):
+    folder, cases = photo_set
+    runs = [fit_images([cases[1][0]], recipe="fast", model=standin_model, landmarks=folder, detector="file",
+                       seed=3)[0] for _ in range(2)]
+    for name, value in runs[0].params.items():
+        assert torch.equal(value, getattr(runs[1].params, name)), name
+
+
+def test_batch_matches_single_fits(standin_model, photo_set):
+    folder, cases = photo_set
+    paths = [c[0] for c in cases]
+    overrides = ["stages.rigid.patience=0", "stages.landmarks.patience=0"]  # plateau stop is per batch
+    batched = fit_images(paths, recipe="fast", model=standin_model, landmarks=folder, detector="file",
+                         batch_size=2, overrides=overrides)
+    single = fit_images(paths, recipe="fast", model=standin_model, landmarks=folder, detector="file",
+                        batch_size=1, overrides=overrides)
+    for b, s in zip(batched, single, strict=True):
+        torch.testing.assert_close(b.params.exp, s.params.exp, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(b.params.cam, s.params.cam, atol=1e-5, rtol=1e-4)
+
+
+def test_one_bad_image_does_not_stop_the_batch(standin_model, photo_set, tmp_path):
+    folder, cases = photo_set
+    bad = tmp_path / "broken.png"
+    bad.write_text("not a png")
+    seen = []
+    outcomes = fit_images([bad, cases[0][0]], recipe="fast", model=standin_model, landmarks=folder,
+                          detector="file", batch_size=2, on_target=lambda i, r: seen.append(i))
+    assert isinstance(outcomes[0], ImageError) and "broken.png" in str(outcomes[0])
+    assert not isinstance(outcomes[1], Exception)
+    assert sorted(seen) == [0, 1]
+
+
+def test_missing_landmark_file_with_detector_file(standin_model, photo_set, tmp_path):
+    folder, cases = photo_set
+    [outcome] = fit_images([cases[0][0]], recipe="fast", model=standin_model, landmarks=tmp_path,
+                           detector="file")
+    assert isinstance(outcome, LandmarkError) and "face0.pts/.npy/.json" in str(outcome)
+
+
+def test_outputs_follow_the_contract(standin_model, photo_set, tmp_path):
+    folder, cases = photo_set
+    [result] = fit_images([cases[0][0]], recipe="fast", model=standin_model, landmarks=folder, detector="file")
+    out = write_fit_outputs(tmp_path, result, standin_model)
+    assert sorted(p.name for p in out.iterdir()) == ["fit.json", "fit.npz", "mesh.obj", "overlay.png"]
+    with np.load(out / "fit.npz") as fit:
+        n_v = standin_model.n_verts
+        expected = {"shape": (100,), "exp": (53,), "global_pose": (3,), "neck_pose": (3,), "jaw_pose": (3,),
+                    "eye_pose": (6,), "cam": (3,), "light": (9, 3), "albedo": (n_v, 3), "vertices": (n_v, 3),
+                    "landmarks2d": (68, 2), "landmarks2d_target": (68, 2), "image_size": (2,)}
+        for key, shape in expected.items():
+            assert fit[key].shape == shape, key
+            assert fit[key].dtype == (np.int64 if key == "image_size" else np.float32), key
+        assert fit["image_size"].tolist() == [320, 320]
+        assert str(fit["model"]).startswith("ict-flame sha256:") and str(fit["recipe"]) == "fast"
+        rmse = np.sqrt(((fit["landmarks2d"] - fit["landmarks2d_target"]) ** 2).sum(1).mean())
+        assert rmse < 1.5
+    verts, faces = io.read_obj(out / "mesh.obj")
+    assert verts.shape == (standin_model.n_verts, 3) and faces.shape == (standin_model.faces.shape[0], 3)
+    overlay = io.read_image(out / "overlay.png")
+    assert overlay.shape == (320, 960, 3)  # input | render | overlay
+
+
+def test_failed_write_leaves_no_folder(standin_model, photo_set, tmp_path, monkeypatch):
+    folder, cases = photo_set
+    [result] = fit_images([cases[0][0]], recipe="fast", model=standin_model, landmarks=folder, detector="file")
+
+    def boom(*args, **kwargs):
+        raise ImageError("disk full")
+
+    monkeypatch.setattr(io, "write_png", boom)
+    with pytest.raises(ImageError):
+        write_fit_outputs(tmp_path, result, standin_model)
+    assert list(tmp_path.iterdir()) == []
