@@ -17,10 +17,10 @@ from priors.flame import FlameModel
 from . import detect, io
 from . import transfer as tr
 from .fit import fit_images
-from .outputs import composite, render_on_photo, render_rgba, vertex_albedo
+from .outputs import composite, render_on_photo, render_rgba, vertex_albedo, zoomed_out
 from .params import FitParams, save_fit
 from .synth import model_output, synthesize
-from .views import BACKDROP, fit_photo, load_fit_for, square_view
+from .views import BACKDROP, VIEW_ZOOM, fit_photo, load_fit_for, square_view
 
 FRAME_SIZE = 384
 
@@ -147,10 +147,11 @@ def animation_params(target: FitSource, expressions: list[FitSource], yaw: bool,
 def frame_image(model: FlameModel, target: FitSource, params: FitParams, size: int = FRAME_SIZE) -> np.ndarray:
     """One frame: the fitted appearance over T's photo crop (or the backdrop) | grey geometry."""
     if target.photo is not None and target.crop_box is not None:
-        backdrop = (detect.crop_image(target.photo, target.crop_box, size) * 255).round().astype(np.uint8)
+        box = np.array([*target.crop_box[:2], target.crop_box[2] * VIEW_ZOOM])
+        backdrop = (detect.crop_image(target.photo, box, size) * 255).round().astype(np.uint8)
     else:
         backdrop = np.full((size, size, 3), BACKDROP, np.uint8)
-    look = composite(backdrop, render_rgba(model, params, size))
+    look = composite(backdrop, render_rgba(model, zoomed_out(params, VIEW_ZOOM), size))
     return np.concatenate([look, square_view(model, params, size)], axis=1)
 
 

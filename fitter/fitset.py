@@ -10,7 +10,8 @@ images whose gradients are accumulated (bounded memory for big sets).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,12 @@ def load_negative_shapes(items, n_shape: int) -> torch.Tensor | None:
             raise UsageError(f"--negatives {p}: no fit.npz or identity.npz inside; fix: point at fits of other people")
         for f in files:
             if f.name == "identity.npz":
-                with np.load(f, allow_pickle=False) as data:
-                    shape = data["shape"]
+                try:
+                    with np.load(f, allow_pickle=False) as data:
+                        shape = np.asarray(data["shape"])
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+                    raise UsageError(f"{f}: not a readable identity.npz with a 'shape' array ({exc}); fix: pass "
+                                     "an identity.npz written by `cli.py fit-set`") from None
             else:
                 shape = load_fit(f)[0].shape[0].numpy()
             if shape.shape != (n_shape,):
@@ -66,11 +71,16 @@ def fit_identity(targets: list[Target], setup, shape_mode: str = "shared", negat
     """Jointly fit prepared targets of one person."""
     if shape_mode not in ("shared", "consistency"):
         raise UsageError(f"--shape-mode {shape_mode}: use shared or consistency")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
     torch.manual_seed(seed)
     start = time.perf_counter()
     batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
+    # this fit's negatives only (the caller's setup is not changed, so a later fit does not inherit them)
+    extra = {k: v for k, v in setup.extra.items() if k != "negatives"}
     if negatives is not None:
-        setup.extra["negatives"] = negatives.to(setup.device)
+        extra["negatives"] = negatives.to(setup.device)
+    setup = replace(setup, extra=extra)
     params = initial_params(setup, batch)
     objective = make_objective(setup, batch, tie_shape=shape_mode == "shared")
     chunks = mini_batches(len(targets), batch_size, setup.device)
@@ -79,11 +89,12 @@ def fit_identity(targets: list[Target], setup, shape_mode: str = "shared", negat
         params.shape = params.shape[:1].expand_as(params.shape).contiguous()
         params.albedo = params.albedo[:1].expand_as(params.albedo).contiguous()
     results = collect_results(setup, targets, params, reports, time.perf_counter() - start, setup.warnings)
-    shapes = params.shape
-    mean_shape = shapes.mean(0)
-    spread = float(((shapes - mean_shape) ** 2).sum(1).mean().sqrt())
-    identity = Identity(mean_shape.cpu().numpy(), params.albedo.mean(0).cpu().numpy(), [t.stem for t in targets],
-                        shape_mode, spread)
+    if shape_mode == "shared":  # row 0 itself: a mean of equal float32 rows can be off by an ulp
+        shape, albedo, spread = params.shape[0], params.albedo[0], 0.0
+    else:
+        shape, albedo = params.shape.mean(0), params.albedo.mean(0)
+        spread = float(((params.shape - shape) ** 2).sum(1).mean().sqrt())
+    identity = Identity(shape.cpu().numpy(), albedo.cpu().numpy(), [t.stem for t in targets], shape_mode, spread)
     for r in results:
         r.report["shape_mode"] = shape_mode
     return identity, results

@@ -13,10 +13,11 @@ from priors.errors import FlamefitError, UsageError
 from priors.flame import FlameModel
 
 from . import io
-from .outputs import composite, render_on_photo, render_rgba
+from .outputs import composite, render_on_photo, render_rgba, zoomed_out
 from .params import FitParams, load_fit
 
 BACKDROP = 40  # grey level behind renders without a photo
+VIEW_ZOOM = 1.6  # square views show this many times the face crop, so the whole head fits
 
 
 def with_yaw(params: FitParams, yaw_deg: float) -> FitParams:
@@ -29,9 +30,10 @@ def with_yaw(params: FitParams, yaw_deg: float) -> FitParams:
     return FitParams(**{**dict(params.items()), "global_pose": pose.reshape(params.batch, 3)})
 
 
-def square_view(model: FlameModel, params: FitParams, size: int, grey: bool = True) -> np.ndarray:
-    """The fit's crop view rendered at size x size over a dark backdrop -> uint8 (size, size, 3)."""
-    rgba = render_rgba(model, params, size, grey=grey)
+def square_view(model: FlameModel, params: FitParams, size: int, grey: bool = True,
+                zoom: float = VIEW_ZOOM) -> np.ndarray:
+    """The fit's view (its crop, widened `zoom` times) at size x size over a dark backdrop -> uint8."""
+    rgba = render_rgba(model, zoomed_out(params, zoom), size, grey=grey)
     return composite(np.full((size, size, 3), BACKDROP, np.uint8), rgba)
 
 
