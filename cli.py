@@ -131,6 +131,21 @@ def fit_options(fn):
     return fn
 
 
+def source_options(fn):
+    """Options of commands whose inputs are photos (fitted on the fly) or fit.npz files."""
+    opts = [
+        click.option("--model", default=None),
+        click.option("--recipe", default="default", show_default=True, help="Recipe for photos fitted on the fly."),
+        click.option("--detector", type=click.Choice(["auto", "fan", "mediapipe"]), default="auto",
+                     show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--quiet", is_flag=True),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 def check_device(device: str):
     import torch
 
@@ -242,11 +257,7 @@ def fit_set(images, out, model, recipe, landmarks, detector, device, batch_size,
 @click.option("--mix", "mix_spec", default=None, help='Layer weights, e.g. "exp.coarse=1,exp.mid=0.5,jaw=1".')
 @click.option("--regions", default=None, help="Restrict the expression to regions: mouth,eyes,brows,nose,jaw.")
 @click.option("--eyes", is_flag=True, help="swap: take the source's eye pose too.")
-@click.option("--model", default=None)
-@click.option("--recipe", default="default", show_default=True, help="Recipe for photos fitted on the fly.")
-@click.option("--detector", type=click.Choice(["auto", "fan", "mediapipe"]), default="auto", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--quiet", is_flag=True)
+@source_options
 @handle_errors
 def transfer(source, target, out, mode, mix_spec, regions, eyes, model, recipe, detector, device, quiet):
     """Put SOURCE's expression on TARGET (swap, layer mix, or optimised mix)."""
@@ -275,11 +286,7 @@ def transfer(source, target, out, mode, mix_spec, regions, eyes, model, recipe, 
 @click.option("--yaw-sweep", is_flag=True, help="Add a head turn from -30 to 30 degrees.")
 @click.option("--jaw-sweep", is_flag=True, help="Add a jaw opening from 0 to 30 degrees.")
 @click.option("--fps", type=click.IntRange(1, 60), default=10, show_default=True)
-@click.option("--model", default=None)
-@click.option("--recipe", default="default", show_default=True, help="Recipe for photos fitted on the fly.")
-@click.option("--detector", type=click.Choice(["auto", "fan", "mediapipe"]), default="auto", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--quiet", is_flag=True)
+@source_options
 @handle_errors
 def animate(target, expressions, out, yaw_sweep, jaw_sweep, fps, model, recipe, detector, device, quiet):
     """Drive TARGET with each expression (and optional sweeps); writes OUT/frames/ and OUT/animation.gif."""

@@ -182,7 +182,7 @@ def detect_landmarks(image: np.ndarray, detector: str = "auto", device: str = "c
         raise NoFaceError(f"no face found by {name}; fix: use a clearer, larger face, or give --landmarks")
     faces.sort(key=lambda f: -float(np.prod(f.max(0) - f.min(0))))
     index = face_index or 0
-    if index >= len(faces):
+    if not 0 <= index < len(faces):  # a negative index would silently pick the smallest face
         raise NoFaceError(f"--face-index {index}: only {len(faces)} face(s) found by {name}; fix: use 0.."
                           f"{len(faces) - 1}")
     return faces[index].astype(np.float32)

@@ -17,7 +17,8 @@ from priors.flame import FlameModel
 from . import detect, io
 from . import transfer as tr
 from .fit import fit_images
-from .outputs import composite, render_on_photo, render_rgba, vertex_albedo, zoomed_out
+from .albedo import texture_model_for
+from .outputs import composite, render_on_photo, render_rgba, write_mesh, zoomed_out
 from .params import FitParams, save_fit
 from .synth import model_output, synthesize
 from .views import BACKDROP, VIEW_ZOOM, fit_photo, load_fit_for, square_view
@@ -123,8 +124,8 @@ def write_transfer(out_dir, model: FlameModel, source: FitSource, target: FitSou
             extras["alphas"] = np.array([result.alphas.get(k, 0.0) for k in tr.LAYERS], np.float32)
             extras["alpha_layers"] = np.array(tr.LAYERS)
         save_fit(tmp / "transfer.npz", result.params, extras)
-        io.write_obj(tmp / "mesh.obj", result.vertices, model.faces.cpu().numpy(),
-                     colors=vertex_albedo(result.params))
+        texture = texture_model_for(model, result.params.albedo, None) if result.params.albedo.dim() == 2 else None
+        write_mesh(tmp / "mesh.obj", result.vertices, model, result.params, texture)
         top = [picture(model, source), picture(model, target), picture(model, target, result.params)]
         bottom = [picture(model, source, grey=True), picture(model, target, grey=True),
                   picture(model, target, result.params, grey=True)]

@@ -21,6 +21,7 @@ from priors.flame import FlameModel
 from priors.mesh import mesh_edges, mirror_index
 
 from . import detect, io
+from .albedo import AlbedoModel, installed_albedo_model
 from .camera import ortho_init_from_landmarks
 from .losses import TERMS, Context, landmark_weights
 from .optimize import Progress, StageReport, run_recipe
@@ -140,6 +141,7 @@ class FitSetup:
     device: str
     extra: dict
     warnings: list[str] = field(default_factory=list)
+    albedo_model: AlbedoModel | None = None  # fitter.albedo: per-vertex or a texture space
 
 
 _MESH_CACHE: dict[str, tuple[Tensor, Tensor]] = {}
@@ -158,7 +160,10 @@ def make_setup(model: FlameModel, recipe: Recipe, device: str = "cpu") -> FitSet
         else:  # 'auto' without VGG weights: the term is dropped, and fit.json says so
             recipe = without_term(recipe, "perceptual")
             warnings.append(warning)
-    return FitSetup(model, recipe, device, extra, warnings)
+    albedo_model, warning = installed_albedo_model(model, device)  # texture space if installed and usable
+    if warning:
+        warnings.append(warning)
+    return FitSetup(model, recipe, device, extra, warnings, albedo_model)
 
 
 def without_term(recipe: Recipe, term: str) -> Recipe:
@@ -177,7 +182,8 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
         chunk, tgt = params.select(rows), targets.select(rows)
         needs_render = any(TERMS[t].needs_render for t, w in stage.weights.items() if w > 0)
         pred = synthesize(setup.model, chunk, res, render=needs_render,
-                          background=tgt.image if needs_render else None, lean=True)
+                          background=tgt.image if needs_render else None, lean=True,
+                          albedo_model=setup.albedo_model)
         extra = {**setup.extra, "set_shapes": params.shape, "rows": rows}
         ctx = Context(chunk, pred, tgt, res, extra)
         terms = {name: w * TERMS[name].fn(ctx) for name, w in stage.weights.items() if w > 0}
@@ -200,6 +206,8 @@ def initial_params(setup: FitSetup, targets: Targets) -> FitParams:
     m = setup.model
     B = targets.landmarks.shape[0]
     params = FitParams.initial(B, m.n_shape, m.n_exp, m.n_verts, device=setup.device)
+    if setup.albedo_model is not None:
+        params.albedo = setup.albedo_model.initial_albedo(B, setup.device)
     with torch.no_grad():
         out = model_output(m, params)
         params.cam = ortho_init_from_landmarks(out.landmarks3d_full, targets.landmarks,
@@ -218,6 +226,7 @@ class FitResult:
     report: dict  # fit.json content
     model_tag: str
     recipe_name: str
+    albedo_model: AlbedoModel | None = None  # what params.albedo means (outputs render with it)
 
 
 def crop_to_original(points: np.ndarray, target: Target, res: int) -> np.ndarray:
@@ -245,11 +254,12 @@ def collect_results(setup: FitSetup, targets: list[Target], params: FitParams, r
             "device": setup.device, "seconds": round(seconds, 3),
             "iterations": sum(r.iterations for r in reports), "stages": stages,
             "landmark_rmse_px": round(landmark_rmse(lmk, lmk_t), 3),
+            "albedo": setup.albedo_model.describe() if setup.albedo_model is not None else "per-vertex",
         }
         if warnings:
             report["warnings"] = list(warnings)
         results.append(FitResult(t, params.select(i), pred["vertices"][i].cpu().numpy(), lmk, lmk_t, report,
-                                 setup.model.tag, setup.recipe.name))
+                                 setup.model.tag, setup.recipe.name, setup.albedo_model))
     return results
 
 
@@ -278,7 +288,8 @@ def deca_initializer(setup: FitSetup):
     def initialize(targets: list[Target]) -> FitParams:
         batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
         crops = torch.nn.functional.interpolate(batch.image, size=(224, 224), mode="bilinear", align_corners=False)
-        return deca_initial_params(encoder, crops, setup.model, initial_params(setup, batch))
+        return deca_initial_params(encoder, crops, setup.model, initial_params(setup, batch),
+                                   use_tex=getattr(setup.albedo_model, "deca_tex", False))
 
     return initialize
 

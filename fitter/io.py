@@ -60,6 +60,12 @@ def _read_16bit_png(path: Path) -> np.ndarray | None:
     return np.ascontiguousarray(arr[..., 2::-1])
 
 
+# EXIF orientation -> the transposition that displays the image upright (as ImageOps.exif_transpose)
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
 def read_image_with_scale(path, max_side: int = MAX_SIDE) -> tuple[np.ndarray, float]:
     """Read an image as H x W x 3 uint8 RGB (EXIF rotation applied), downscaled so its longer side
     is at most max_side. Returns (image, scale) with scale = returned pixels per original pixel."""
@@ -78,6 +84,9 @@ def read_image_with_scale(path, max_side: int = MAX_SIDE) -> tuple[np.ndarray, f
             rgb = _to_rgb8(rotated)
             if img.format == "PNG" and not bits16:
                 alt = _read_16bit_png(path)  # 16-bit RGB(A) PNGs
+                method = _EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
+                if alt is not None and method is not None:  # OpenCV ignores the PNG's EXIF orientation
+                    alt = np.asarray(Image.fromarray(alt).transpose(method))
                 if alt is not None and alt.shape == rgb.shape:
                     rgb = alt
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -151,7 +160,7 @@ def read_landmarks(path) -> np.ndarray:
             raise LandmarkError(f"{path}: unknown landmark format '{suffix}'; fix: use .pts, .npy or .json")
     except LandmarkError:
         raise
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, OSError, EOFError) as exc:  # EOFError: empty/truncated .npy
         raise LandmarkError(f"{path}: cannot read landmarks ({str(exc).splitlines()[0][:60]}); fix: .npy (68, 2) "
                             'float array, .json {"landmarks": [[x, y], ...]} or iBUG .pts') from None
     return _check_points(np.asarray(pts, dtype=np.float64), path)

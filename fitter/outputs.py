@@ -11,6 +11,7 @@ import torch
 from priors.flame import FlameModel
 
 from . import detect, io
+from .albedo import TextureAlbedo, texture_model_for
 from .params import FitParams, save_fit
 from .shading import SH_CONSTANTS
 from .synth import synthesize
@@ -35,11 +36,14 @@ def preview_params(params: FitParams) -> FitParams:
                         "albedo": albedo})
 
 
-def render_rgba(model: FlameModel, params: FitParams, res: int, grey: bool = False) -> np.ndarray:
-    """Render one fit (batch 1) at res x res -> float32 RGBA (res, res, 4) in [0, 1]."""
+def render_rgba(model: FlameModel, params: FitParams, res: int, grey: bool = False,
+                albedo_model=None) -> np.ndarray:
+    """Render one fit (batch 1) at res x res -> float32 RGBA (res, res, 4) in [0, 1].
+    Texture-space albedo renders with `albedo_model`, else with the installed texture space."""
     p = preview_params(params) if grey else params
+    texture = None if grey else texture_model_for(model, params.albedo, albedo_model)
     with torch.no_grad():
-        pred = synthesize(model, p, res)
+        pred = synthesize(model, p, res, albedo_model=texture)
     rgb = pred["image"][0].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
     alpha = pred["alpha"][0, 0].cpu().numpy()
     return np.dstack([rgb, alpha]).astype(np.float32)
@@ -69,21 +73,23 @@ def zoomed_out(params: FitParams, factor: float) -> FitParams:
 
 
 def render_on_photo(model: FlameModel, params: FitParams, photo: np.ndarray, crop_box: np.ndarray,
-                    grey: bool = False, opacity: float = 1.0, expand: float = 2.0) -> np.ndarray:
+                    grey: bool = False, opacity: float = 1.0, expand: float = 2.0,
+                    albedo_model=None) -> np.ndarray:
     """The fit drawn in its own camera onto its photo (crop_box in the photo's pixels). The render
     covers `expand` x the crop box, so the whole head shows, not just the face crop."""
     box = np.array([crop_box[0], crop_box[1], crop_box[2] * expand])
     res = int(np.clip(box[2], 256, 1024))
-    rgba = uncrop(render_rgba(model, zoomed_out(params, expand), res, grey=grey), box, photo.shape[:2])
+    rgba = uncrop(render_rgba(model, zoomed_out(params, expand), res, grey=grey, albedo_model=albedo_model),
+                  box, photo.shape[:2])
     return composite(photo, rgba, opacity)
 
 
 def overlay_panels(model: FlameModel, params: FitParams, target, lmk_fit: np.ndarray,
-                   lmk_target: np.ndarray) -> np.ndarray:
+                   lmk_target: np.ndarray, albedo_model=None) -> np.ndarray:
     """input | render (fitted albedo and light) | grey geometry over the photo with landmarks
     (target green, fitted red). Landmarks in the working image's pixels."""
     photo = target.image
-    panel_render = render_on_photo(model, params, np.full_like(photo, 40), target.box)
+    panel_render = render_on_photo(model, params, np.full_like(photo, 40), target.box, albedo_model=albedo_model)
     panel_overlay = render_on_photo(model, params, photo, target.box, grey=True, opacity=0.75)
     radius = max(1, round(max(photo.shape[:2]) / 300))
     panel_overlay = io.draw_points(panel_overlay, lmk_target, color=(0, 255, 0), radius=radius)
@@ -95,6 +101,19 @@ def vertex_albedo(params: FitParams) -> np.ndarray | None:
     if params.albedo.dim() == 3:
         return params.albedo[0].clamp(0, 1).cpu().numpy()
     return None
+
+
+def write_mesh(path: Path, vertices: np.ndarray, model: FlameModel, params: FitParams,
+               texture: TextureAlbedo | None = None, texture_name: str = "texture.png") -> None:
+    """The posed mesh as OBJ: per-vertex albedo as vertex colours, or, with a texture space,
+    its UV layout (vt/ft) + an .mtl next to it + the fit's texture as `texture_name` (PNG)."""
+    path = Path(path)
+    if texture is None:
+        io.write_obj(path, vertices, model.faces.cpu().numpy(), colors=vertex_albedo(params))
+        return
+    io.write_png(path.parent / texture_name, texture.texture_image(params.albedo[:1]))
+    io.write_obj(path, vertices, model.faces.cpu().numpy(), vt=texture.vt.cpu().numpy(),
+                 ft=texture.ft.cpu().numpy(), texture_name=texture_name)
 
 
 def write_fit_outputs(out_root: Path, result, model: FlameModel) -> Path:
@@ -112,11 +131,14 @@ def write_fit_outputs(out_root: Path, result, model: FlameModel) -> Path:
             "image": str(t.path),
             "crop_box": (t.box / t.scale).astype(np.float32),  # cx, cy, size in original pixels
         }
+        texture = texture_model_for(model, result.params.albedo, getattr(result, "albedo_model", None))
+        if texture is not None:
+            extras["albedo_space"] = texture.describe()
         save_fit(tmp / "fit.npz", result.params, extras)
-        io.write_obj(tmp / "mesh.obj", result.vertices, model.faces.cpu().numpy(),
-                     colors=vertex_albedo(result.params))
+        write_mesh(tmp / "mesh.obj", result.vertices, model, result.params, texture)
         overlay = overlay_panels(model, result.params.to(model.faces.device), t,
-                                 result.landmarks2d * t.scale, result.landmarks2d_target * t.scale)
+                                 result.landmarks2d * t.scale, result.landmarks2d_target * t.scale,
+                                 albedo_model=texture)
         io.write_png(tmp / "overlay.png", overlay)
         io.write_json(tmp / "fit.json", result.report)
     return final

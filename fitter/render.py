@@ -583,8 +583,36 @@ def render_mesh(
     ``frags`` (:class:`Fragments`).
     """
     frags = rasterize(verts, faces, height, width)
-    bsz = verts.shape[0]
     rgb = _interpolate_cf(colors, faces, frags)  # C x (B*H*W)
+    return _composite_cf(verts, faces, frags, rgb, background, sigma)
+
+
+def composite_pixels(
+    verts: Tensor,
+    faces: Tensor,
+    frags: Fragments,
+    pixels: Tensor,
+    background: Tensor | None = None,
+    sigma: float = 0.5,
+) -> dict:
+    """:func:`render_mesh` for colours computed per pixel (e.g. sampled from a texture) instead
+    of interpolated from the vertices.
+
+    verts: B x V x 3 screen space and faces: F x 3 as given to :func:`rasterize`; frags: its
+    result; pixels: B x C x H x W colours at the covered pixels (empty pixels must hold finite
+    values, e.g. zeros: their alpha is 0, and those of the silhouette band take their covered
+    neighbour's colour). Antialiasing and compositing are exactly those of :func:`render_mesh`;
+    returns the same dict.
+    """
+    nch = pixels.shape[1]
+    rgb = pixels.permute(1, 0, 2, 3).reshape(nch, -1)  # C x (B*H*W)
+    return _composite_cf(verts, faces, frags, rgb, background, sigma)
+
+
+def _composite_cf(verts: Tensor, faces: Tensor, frags: Fragments, rgb: Tensor,
+                  background: Tensor | None, sigma: float) -> dict:
+    """The antialiasing and compositing of :func:`render_mesh`; rgb: C x (B*H*W) colours."""
+    bsz, height, width = frags.pix_to_face.shape
     alpha, dst, src = _silhouette(verts, faces, frags, sigma)
     rgb = rgb.index_copy(1, dst, rgb.index_select(1, src))  # band pixels: neighbour's colour
     a = alpha.reshape(1, -1).to(rgb.dtype)

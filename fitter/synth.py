@@ -6,11 +6,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from priors.errors import UsageError
 from priors.flame import FlameModel
 
 from .camera import ortho_project
 from .params import FitParams
-from .render import render_mesh
+from .render import composite_pixels, interpolate, rasterize, render_mesh
 from .shading import sh_shading, vertex_normals
 
 
@@ -20,7 +21,7 @@ def model_output(model: FlameModel, params: FitParams, lean: bool = False):
 
 
 def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = True,
-               background: Tensor | None = None, lean: bool = False) -> dict:
+               background: Tensor | None = None, lean: bool = False, albedo_model=None) -> dict:
     """Evaluate a fit at crop resolution `res`.
 
     Returns vertices B x V x 3 (model space), landmarks2d B x 68 x 2 (crop pixels),
@@ -28,6 +29,10 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     evaluated, and `vertices` holds just those) and, when `render`: image B x 3 x res x res (albedo x SH shading,
     composited over `background` B x 3 x res x res or black), alpha B x 1 x res x res (soft),
     shading B x 3 x res x res (irradiance x alpha), pix_to_face B x res x res.
+
+    params.albedo B x V x 3 is per-vertex colour (interpolated like the shading);
+    params.albedo B x K are coefficients of `albedo_model`, a fitter.albedo.TextureAlbedo
+    (required then): see :func:`render_textured`.
     """
     out = model_output(model, params, lean=lean and not render)
     lmk = ortho_project(out.landmarks3d, params.cam, res)[..., :2]
@@ -37,8 +42,14 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     faces = model.faces
     screen = ortho_project(out.vertices, params.cam, res)
     shade = sh_shading(vertex_normals(out.vertices, faces), params.light)
-    colors = torch.cat([params.albedo * shade, shade], dim=-1)  # B x V x 6: colour and grey shading
-    out_r = render_mesh(screen, faces, colors, res, res)  # premultiplied by the soft alpha
+    if params.albedo.dim() == 2:  # texture-space coefficients
+        if getattr(albedo_model, "kind", None) != "texture":
+            raise UsageError(f"albedo holds {params.albedo.shape[1]} texture-space coefficients but no texture "
+                             "space was given; fix: pass the fit's albedo model (fitter.albedo)")
+        out_r = render_textured(screen, faces, albedo_model, params.albedo, shade, res, res)
+    else:
+        colors = torch.cat([params.albedo * shade, shade], dim=-1)  # B x V x 6: colour and grey shading
+        out_r = render_mesh(screen, faces, colors, res, res)  # premultiplied by the soft alpha
     alpha = out_r["alpha"]
     image = out_r["image"][:, :3]
     pred.update(
@@ -49,6 +60,24 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
         screen=screen,
     )
     return pred
+
+
+def render_textured(screen: Tensor, faces: Tensor, albedo_model, coeffs: Tensor, shade: Tensor,
+                    height: int, width: int) -> dict:
+    """Render a texture-space albedo under per-vertex shading.
+
+    screen: B x V x 3 screen-space vertices, faces: F x 3, albedo_model: a TextureAlbedo,
+    coeffs: B x K, shade: B x V x 3 SH irradiance per vertex. Each covered pixel gets the
+    albedo sampled from the texture at its UV times the irradiance interpolated from the hit
+    triangle's corners (Gouraud shading, as in the per-vertex path: cheap, and on FLAME's
+    dense mesh the irradiance varies slowly); antialiasing and compositing as render_mesh.
+    Returns render_mesh's dict with image B x 6 x H x W: colour and grey shading, premultiplied
+    by the soft alpha.
+    """
+    frags = rasterize(screen, faces, height, width)
+    albedo = albedo_model.to(screen.device).sample(coeffs, frags)  # B x 3 x H x W, 0 where empty
+    irradiance = interpolate(shade, faces, frags).permute(0, 3, 1, 2)  # B x 3 x H x W
+    return composite_pixels(screen, faces, frags, torch.cat([albedo * irradiance, irradiance], dim=1))
 
 
 def face_mask_polygon(landmarks: np.ndarray, forehead: float = 0.35) -> np.ndarray:
