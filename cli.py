@@ -217,8 +217,10 @@ def fit_set(images, out, model, recipe, landmarks, detector, device, batch_size,
     from fitter.outputs import write_fit_outputs
 
     check_device(device)
-    if init != "zero":
-        raise UsageError("fit-set: --init deca is not supported for sets yet; fix: use --init zero")
+    if init == "deca":
+        from priors.deca import require_deca_compatible
+
+        require_deca_compatible(model)
     if recipe == "default":
         recipe = "identity-set"
     paths = expand_images(images)
@@ -229,7 +231,7 @@ def fit_set(images, out, model, recipe, landmarks, detector, device, batch_size,
         identity, results = run_fit_set(
             paths, recipe=recipe, model=flame, detector=detector, landmarks=landmarks, device=device,
             batch_size=batch_size or 16, seed=seed, overrides=overrides, shape_mode=shape_mode, negatives=negatives,
-            face_index=face_index, progress=progress,
+            face_index=face_index, progress=progress, init=init,
             on_error=lambda p, exc: report_outcome(p, exc, None, rows, quiet))
     for r in results:
         try:

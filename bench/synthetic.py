@@ -18,12 +18,15 @@ PHOTO_SIZE = 512
 
 def random_params(model: FlameModel, rng: np.random.Generator, shape: np.ndarray | None = None,
                   yaw_deg: float | None = None) -> FitParams:
-    """One plausible random face: identity ~ N(0, 1), expression ~ N(0, 0.8^2), yaw in +-30 degrees,
+    """One plausible random face: identity ~ N(0, 1), expression ~ N(0, 0.8^2) (redrawn while the lips
+    cross), yaw in +-30 degrees,
     a little pitch/roll, jaw 0..0.25 rad, coloured SH light, smooth skin-tone albedo."""
     t = lambda a: torch.as_tensor(np.asarray(a, np.float32))[None]  # noqa: E731
     p = FitParams.initial(1, model.n_shape, model.n_exp, model.n_verts)
     p.shape = t(rng.normal(0, 1, model.n_shape) if shape is None else shape)
     p.exp = t(rng.normal(0, 0.8, model.n_exp))
+    while not lips_plausible(model, p):  # large Gaussian codes can push the lips through each other
+        p.exp = t(rng.normal(0, 0.8, model.n_exp))
     yaw = np.deg2rad(rng.uniform(-30, 30) if yaw_deg is None else yaw_deg)
     p.global_pose = t([rng.uniform(-0.15, 0.15), yaw, rng.uniform(-0.08, 0.08)])
     p.jaw_pose = t([rng.uniform(0.0, 0.25), 0.0, 0.0])
@@ -37,6 +40,15 @@ def random_params(model: FlameModel, rng: np.random.Generator, shape: np.ndarray
     wave = 0.06 * np.sin(v[:, :1] * rng.uniform(20, 40) + rng.uniform(0, 6)) * np.cos(v[:, 1:2] * 30)
     p.albedo = t(np.clip(tone + wave, 0, 1))
     return p
+
+
+def lips_plausible(model: FlameModel, params: FitParams, tol: float = 1e-3) -> bool:
+    """False when the inner upper lip (iBUG 61-63) sits below the inner lower lip (67-65):
+    an expression no face makes, which the Gaussian expression prior can still draw."""
+    with torch.no_grad():
+        lmk = model(params.shape, params.exp, *(torch.zeros_like(x) for x in (params.global_pose,
+                    params.neck_pose, params.jaw_pose, params.eye_pose))).landmarks3d[0]
+    return bool((lmk[[61, 62, 63], 1] >= lmk[[67, 66, 65], 1] - tol).all())
 
 
 def background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -20,8 +20,8 @@ import torch
 from priors.errors import FlamefitError, UsageError
 
 from .fit import (
-    FitResult, Target, collect_results, initial_params, load_flame, make_objective, make_setup, prepare_from_args,
-    stack_targets,
+    FitResult, Target, collect_results, deca_initializer, initial_params, load_flame, make_objective, make_setup,
+    prepare_from_args, stack_targets,
 )
 from .optimize import Progress, run_recipe
 from .params import load_fit
@@ -67,8 +67,9 @@ def mini_batches(n: int, size: int, device) -> list[torch.Tensor]:
 
 
 def fit_identity(targets: list[Target], setup, shape_mode: str = "shared", negatives=None, batch_size: int = 16,
-                 progress: Progress | None = None, seed: int = 0) -> tuple[Identity, list[FitResult]]:
-    """Jointly fit prepared targets of one person."""
+                 progress: Progress | None = None, seed: int = 0, initializer=None) -> tuple[Identity, list[FitResult]]:
+    """Jointly fit prepared targets of one person. initializer: targets -> initial FitParams
+    (e.g. the DECA encoder's); in shared mode its per-image shapes start from their mean."""
     if shape_mode not in ("shared", "consistency"):
         raise UsageError(f"--shape-mode {shape_mode}: use shared or consistency")
     if batch_size < 1:
@@ -81,7 +82,9 @@ def fit_identity(targets: list[Target], setup, shape_mode: str = "shared", negat
     if negatives is not None:
         extra["negatives"] = negatives.to(setup.device)
     setup = replace(setup, extra=extra)
-    params = initial_params(setup, batch)
+    params = initializer(targets) if initializer is not None else initial_params(setup, batch)
+    if shape_mode == "shared":
+        params.shape = params.shape.mean(0, keepdim=True).expand_as(params.shape).contiguous()
     objective = make_objective(setup, batch, tie_shape=shape_mode == "shared")
     chunks = mini_batches(len(targets), batch_size, setup.device)
     params, reports = run_recipe(params, setup.recipe, objective, progress, chunks=chunks)
@@ -103,12 +106,13 @@ def fit_identity(targets: list[Target], setup, shape_mode: str = "shared", negat
 def fit_set(paths, recipe: str | Recipe = "identity-set", model=None, detector: str = "auto", landmarks=None,
             device: str = "cpu", batch_size: int = 16, seed: int = 0, overrides=(), shape_mode: str | None = None,
             negatives=None, face_index=None, progress: Progress | None = None,
-            on_error=None) -> tuple[Identity, list[FitResult]]:
+            on_error=None, init: str = "zero") -> tuple[Identity, list[FitResult]]:
     """Prepare every image (bad ones reported through on_error(path, error) and skipped), then fit
     them as one identity."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     flame = load_flame(model, device)
     setup = make_setup(flame, recipe, device)
+    initializer = deca_initializer(setup) if init == "deca" else None
     mode = shape_mode or recipe.shape_mode
     neg = load_negative_shapes(negatives, flame.n_shape)
     lmk_arg = Path(landmarks) if landmarks is not None else None
@@ -124,7 +128,7 @@ def fit_set(paths, recipe: str | Recipe = "identity-set", model=None, detector: 
             on_error(p, exc)
     if not targets:
         raise UsageError("fit-set: no image could be prepared; see the errors above")
-    return fit_identity(targets, setup, mode, neg, batch_size, progress, seed)
+    return fit_identity(targets, setup, mode, neg, batch_size, progress, seed, initializer)
 
 
 def write_identity(out_dir: Path, identity: Identity) -> Path:

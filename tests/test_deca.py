@@ -217,3 +217,32 @@ def test_require_deca_compatible(tmp_path, monkeypatch):
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"x")
     assert deca.require_deca_compatible(str(tmp_path / "synth")) == weights
+
+
+def test_fit_starts_from_the_encoder(saved, encoder, synthetic_model_dir, tmp_path, monkeypatch):
+    """Through the fit pipeline (--init deca): with no iterations the result is the encoder's output.
+    The synthetic model stands in for FLAME's topology (the vertex-count check is pointed at it)."""
+    import shutil
+
+    import numpy as np
+
+    from bench.synthetic import random_params, render_photo, write_case
+    from fitter.fit import fit_images, load_flame, prepare_target
+
+    model = load_flame(synthetic_model_dir)
+    monkeypatch.setattr(deca, "FLAME_N_VERTS", model.n_verts)
+    monkeypatch.setenv("FLAMEFIT_HOME", str(tmp_path / "home"))
+    deca.default_deca_path().parent.mkdir(parents=True)
+    shutil.copy(saved[0], deca.default_deca_path())
+    rng = np.random.default_rng(0)
+    image, lmk = render_photo(model, random_params(model, rng), rng, size=256)
+    photo = write_case(tmp_path, "face", image, lmk)
+    zero = [f"stages.{s}.iterations=0" for s in ("rigid", "landmarks", "photometric")]
+    [result] = fit_images([photo], model=model, landmarks=tmp_path, detector="file", init="deca", overrides=zero)
+    crop = torch.from_numpy(prepare_target(photo, 224, tmp_path / "face.npy").crop).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        code = encoder.code(crop)
+    torch.testing.assert_close(result.params.shape[0], code[0, :model.n_shape])
+    torch.testing.assert_close(result.params.exp[0], code[0, 150:150 + model.n_exp])
+    torch.testing.assert_close(result.params.jaw_pose[0], code[0, 203:206])
+    torch.testing.assert_close(result.params.cam[0], code[0, 206:209])
