@@ -248,8 +248,22 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _finite(obj):
+    """Non-finite floats (NaN, inf) -> None, recursively, so the file stays strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return _finite(obj.tolist())
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    """Pretty JSON; numpy scalars/arrays and Paths converted, NaN/inf written as null."""
+    Path(path).write_text(json.dumps(_finite(obj), indent=2, default=_jsonable, allow_nan=False) + "\n")
 
 
 @contextlib.contextmanager

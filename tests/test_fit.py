@@ -43,7 +43,10 @@ def test_same_seed_same_result(standin_model, photo_set):
 def test_batch_matches_single_fits(standin_model, photo_set):
     folder, cases = photo_set
     paths = [c[0] for c in cases]
-    overrides = ["stages.rigid.patience=0", "stages.landmarks.patience=0"]  # plateau stop is per batch
+    # plateau stop is per batch, so it is off; a short budget, since Adam amplifies float32
+    # summation-order differences (the only thing batching changes) along flat directions
+    overrides = ["stages.rigid.patience=0", "stages.landmarks.patience=0", "stages.rigid.iterations=20",
+                 "stages.landmarks.iterations=30"]
     batched = fit_images(paths, recipe="fast", model=standin_model, landmarks=folder, detector="file",
                          batch_size=2, overrides=overrides)
     single = fit_images(paths, recipe="fast", model=standin_model, landmarks=folder, detector="file",

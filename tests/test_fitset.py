@@ -136,7 +136,7 @@ def test_mini_batches_match_one_batch(standin_model, one_person, mode):
     coefficients, 0.02 mm of geometry; in float64 the two agree to 1e-12). Hence a shorter stage
     here, and no early stop (the plateau test could flip on a rounding-level difference)."""
     _, paths, _ = one_person
-    setup, targets = prepared(standin_model, paths, ["stages.landmarks.iterations=100", "stages.rigid.patience=0",
+    setup, targets = prepared(standin_model, paths, ["stages.landmarks.iterations=50", "stages.rigid.patience=0",
                                                      "stages.landmarks.patience=0"])
     (one, r1), (three, r3) = (fit_identity(targets, setup, mode, batch_size=b, seed=0) for b in (1, 3))
     np.testing.assert_allclose(one.shape, three.shape, atol=1e-4)

@@ -92,7 +92,8 @@ def test_yaw_picks_contour_row(standin_path):
     model = FlameModel(assets)
     p = zeros(model)
     p["global_pose"] = torch.tensor([[0.0, np.deg2rad(12.0), 0.0]], dtype=torch.float32)
-    p["neck_pose"] = torch.tensor([[0.0, np.deg2rad(-20.0), 0.0]], dtype=torch.float32)  # total yaw -8 degrees -> row 47
+    # total yaw 12 - 20 = -8 degrees -> row 47
+    p["neck_pose"] = torch.tensor([[0.0, np.deg2rad(-20.0), 0.0]], dtype=torch.float32)
     out = model(**p)
     v = out.vertices[0].numpy()
     lm = assets.landmarks

@@ -471,6 +471,13 @@ def test_write_json_with_numpy_values(tmp_path):
         write_json(tmp_path / "bad.json", {"x": object()})
 
 
+def test_write_json_writes_non_finite_as_null(tmp_path):
+    write_json(tmp_path / "n.json", {"loss": float("nan"), "a": np.array([1.0, np.inf]), "s": np.float32("-inf")})
+    text = (tmp_path / "n.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "a": [1.0, None], "s": None}
+
+
 # ----------------------------------------------------------------------------- atomic_dir
 def test_atomic_dir_success_creates_folder(tmp_path):
     final = tmp_path / "out" / "job"
