@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import io as _io
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -170,10 +170,25 @@ def _mediapipe():
         os.environ.setdefault("GLOG_minloglevel", "2")
         import mediapipe as mp
 
-        with contextlib.redirect_stderr(_io.StringIO()):
+        with native_stderr_silenced():
             _DETECTORS[key] = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=5,
                                                               refine_landmarks=False)
     return _DETECTORS[key]
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Silence file descriptor 2 for a block: MediaPipe's C++ (absl, TFLite) logs there directly,
+    bypassing Python's sys.stderr; the CLI owns the console."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _faces_fan(image: np.ndarray, device: str) -> list[np.ndarray]:
@@ -186,7 +201,9 @@ def _faces_fan(image: np.ndarray, device: str) -> list[np.ndarray]:
 
 
 def _faces_mediapipe(image: np.ndarray) -> list[np.ndarray]:
-    result = _mediapipe().process(np.ascontiguousarray(image))
+    detector = _mediapipe()
+    with native_stderr_silenced():
+        result = detector.process(np.ascontiguousarray(image))
     h, w = image.shape[:2]
     faces = []
     for face in result.multi_face_landmarks or []:

@@ -46,6 +46,15 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
+def _png_bit_depth(path: Path) -> int | None:
+    """Bits per sample from a PNG's IHDR chunk (byte 24 of the file), or None."""
+    with open(path, "rb") as fh:
+        head = fh.read(25)
+    if len(head) < 25 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
 def _read_16bit_png(path: Path) -> np.ndarray | None:
     """PIL drops 16-bit colour to 8 bits by truncation; read such files with OpenCV instead."""
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -82,7 +91,7 @@ def read_image_with_scale(path, max_side: int = MAX_SIDE) -> tuple[np.ndarray, f
             bits16 = img.mode in ("I;16", "I;16B", "I;16L") or (img.format == "PNG" and img.info.get("bitdepth") == 16)
             rotated = ImageOps.exif_transpose(img)
             rgb = _to_rgb8(rotated)
-            if img.format == "PNG" and not bits16:
+            if img.format == "PNG" and not bits16 and _png_bit_depth(path) == 16:
                 alt = _read_16bit_png(path)  # 16-bit RGB(A) PNGs
                 method = _EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
                 if alt is not None and method is not None:  # OpenCV ignores the PNG's EXIF orientation
