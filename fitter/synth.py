@@ -28,7 +28,9 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     landmarks3d B x 68 x 3 (lean, without render: only the vertices landmarks need are
     evaluated, and `vertices` holds just those) and, when `render`: image B x 3 x res x res (albedo x SH shading,
     composited over `background` B x 3 x res x res or black), alpha B x 1 x res x res (soft),
-    shading B x 3 x res x res (irradiance x alpha), pix_to_face B x res x res.
+    shading B x 3 x res x res (irradiance x alpha), normals B x 3 x res x res (interpolated
+    unit vertex normals, model/camera axes, x alpha), depth B x 1 x res x res (smaller = nearer,
+    0 where empty), pix_to_face B x res x res.
 
     params.albedo B x V x 3 is per-vertex colour (interpolated like the shading);
     params.albedo B x K are coefficients of `albedo_model`, a fitter.albedo.TextureAlbedo
@@ -41,21 +43,24 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
         return pred
     faces = model.faces
     screen = ortho_project(out.vertices, params.cam, res)
-    shade = sh_shading(vertex_normals(out.vertices, faces), params.light)
+    normals = vertex_normals(out.vertices, faces)
+    shade = sh_shading(normals, params.light)
     if params.albedo.dim() == 2:  # texture-space coefficients
         if getattr(albedo_model, "kind", None) != "texture":
             raise UsageError(f"albedo holds {params.albedo.shape[1]} texture-space coefficients but no texture "
                              "space was given; fix: pass the fit's albedo model (fitter.albedo)")
-        out_r = render_textured(screen, faces, albedo_model, params.albedo, shade, res, res)
+        out_r = render_textured(screen, faces, albedo_model, params.albedo, torch.cat([shade, normals], -1), res, res)
     else:
-        colors = torch.cat([params.albedo * shade, shade], dim=-1)  # B x V x 6: colour and grey shading
+        colors = torch.cat([params.albedo * shade, shade, normals], dim=-1)  # B x V x 9: colour, shading, normal
         out_r = render_mesh(screen, faces, colors, res, res)  # premultiplied by the soft alpha
     alpha = out_r["alpha"]
     image = out_r["image"][:, :3]
     pred.update(
         image=image if background is None else image + (1 - alpha) * background,
         alpha=alpha,
-        shading=out_r["image"][:, 3:],
+        shading=out_r["image"][:, 3:6],
+        normals=out_r["image"][:, 6:9],
+        depth=out_r["depth"],
         pix_to_face=out_r["pix_to_face"],
         screen=screen,
     )
@@ -67,17 +72,18 @@ def render_textured(screen: Tensor, faces: Tensor, albedo_model, coeffs: Tensor,
     """Render a texture-space albedo under per-vertex shading.
 
     screen: B x V x 3 screen-space vertices, faces: F x 3, albedo_model: a TextureAlbedo,
-    coeffs: B x K, shade: B x V x 3 SH irradiance per vertex. Each covered pixel gets the
+    coeffs: B x K, shade: B x V x C with the SH irradiance per vertex in its first 3 channels
+    (further channels, e.g. normals, are interpolated alongside). Each covered pixel gets the
     albedo sampled from the texture at its UV times the irradiance interpolated from the hit
     triangle's corners (Gouraud shading, as in the per-vertex path: cheap, and on FLAME's
     dense mesh the irradiance varies slowly); antialiasing and compositing as render_mesh.
-    Returns render_mesh's dict with image B x 6 x H x W: colour and grey shading, premultiplied
-    by the soft alpha.
+    Returns render_mesh's dict with image B x (3 + C) x H x W: colour, then the interpolated
+    `shade` channels, premultiplied by the soft alpha.
     """
     frags = rasterize(screen, faces, height, width)
     albedo = albedo_model.to(screen.device).sample(coeffs, frags)  # B x 3 x H x W, 0 where empty
-    irradiance = interpolate(shade, faces, frags).permute(0, 3, 1, 2)  # B x 3 x H x W
-    return composite_pixels(screen, faces, frags, torch.cat([albedo * irradiance, irradiance], dim=1))
+    maps = interpolate(shade, faces, frags).permute(0, 3, 1, 2)  # B x C x H x W
+    return composite_pixels(screen, faces, frags, torch.cat([albedo * maps[:, :3], maps], dim=1))
 
 
 def face_mask_polygon(landmarks: np.ndarray, forehead: float = 0.35) -> np.ndarray:
