@@ -128,3 +128,17 @@ def test_animate(fitted, tmp_path):
     frames = sorted((tmp_path / "anim" / "frames").glob("*.png"))
     assert [f.name for f in frames[:2]] == ["0000.png", "0001.png"] and len(frames) == 1 + 10
     assert (tmp_path / "anim" / "animation.gif").stat().st_size > 0
+
+
+def test_fit_the_bundled_photo_with_mediapipe(standin_path, tmp_path):
+    """The demo's path: a real photo, landmarks detected by MediaPipe (skipped if not installed)."""
+    pytest.importorskip("mediapipe")
+    photo = cli.Path(cli.__file__).parent / "fitter" / "samples" / "astronaut.png"
+    r = run("fit", photo, "--out", tmp_path, "--detector", "mediapipe", "--model", standin_path, *FAST, "--quiet")
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "astronaut" / "fit.npz") as fit:
+        lmk, target = fit["landmarks2d"], fit["landmarks2d_target"]
+        assert fit["image_size"].tolist() == [512, 512]
+    # the face sits in the upper middle of the portrait; the fitted landmarks follow the detected ones
+    assert 150 < target[:, 0].mean() < 300 and 50 < target[:, 1].mean() < 200
+    assert np.sqrt(((lmk - target) ** 2).sum(1).mean()) < 3.0
