@@ -155,8 +155,14 @@ def check_device(device: str):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def main(debug):
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine).")
+def main(debug, threads):
     """flamefit: fit the FLAME head model to photos by analysis-by-synthesis."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @main.command()

@@ -288,8 +288,8 @@ def atomic_dir(final_dir):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():  # moved aside under a fresh unique name, then removed
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:

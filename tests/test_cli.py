@@ -142,3 +142,14 @@ def test_fit_the_bundled_photo_with_mediapipe(standin_path, tmp_path):
     # the face sits in the upper middle of the portrait; the fitted landmarks follow the detected ones
     assert 150 < target[:, 0].mean() < 300 and 50 < target[:, 1].mean() < 200
     assert np.sqrt(((lmk - target) ** 2).sum(1).mean()) < 3.0
+
+
+def test_threads_option_sets_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert run("--threads", 1, "recipes").exit_code == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
