@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from priors.assets import atomic_write
 from priors.errors import FlamefitError, UsageError
 
 from .fit import (
@@ -132,11 +133,7 @@ def fit_set(paths, recipe: str | Recipe = "identity-set", model=None, detector: 
 
 
 def write_identity(out_dir: Path, identity: Identity) -> Path:
-    path = Path(out_dir) / "identity.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, shape=identity.shape.astype(np.float32), albedo=identity.albedo.astype(np.float32),
-             images=np.array(identity.images), shape_mode=np.array(identity.shape_mode),
-             shape_spread=np.float32(identity.spread))
-    tmp.replace(path)
-    return path
+    arrays = {"shape": identity.shape.astype(np.float32), "albedo": identity.albedo.astype(np.float32),
+              "images": np.array(identity.images), "shape_mode": np.array(identity.shape_mode),
+              "shape_spread": np.float32(identity.spread)}
+    return atomic_write(Path(out_dir) / "identity.npz", lambda fh: np.savez(fh, **arrays))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from priors.assets import atomic_write
 from priors.errors import UsageError
 
 from .shading import ambient_light
@@ -98,16 +97,7 @@ def save_fit(path: str | Path, params: FitParams, extras: dict) -> None:
             arrays[key] = np.asarray(value)
         if arrays[key].dtype == np.float64:
             arrays[key] = arrays[key].astype(np.float32)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
 
 
 def load_fit(path: str | Path, device="cpu") -> tuple[FitParams, dict]:

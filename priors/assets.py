@@ -599,7 +599,7 @@ def _model_landmarks(model_file: Path, meta: dict, n_faces: int, required: bool
 
 # ------------------------------------------------------------------------------- install
 
-def _atomic_write(dest: Path, write) -> Path:
+def atomic_write(dest: Path, write) -> Path:
     """Call write(file handle) on a temp file beside dest, then move it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
@@ -618,7 +618,7 @@ def _copy_into(src: Path, dest: Path) -> Path:
     def write(fh):
         with open(src, "rb") as sfh:
             shutil.copyfileobj(sfh, fh, 1 << 22)
-    return _atomic_write(dest, write)
+    return atomic_write(dest, write)
 
 
 def _safe_extract(zf: zipfile.ZipFile, names: list[str], folder: Path) -> dict[str, Path]:
@@ -695,7 +695,7 @@ def _install_model_file(model_file: Path, root: Path, container: Path | None, so
                       "full_faces", "full_bary"):
             arrays["lmk_" + field] = getattr(lmk, field)
     dest = root / "models" / name / "model.npz"
-    return _atomic_write(dest, lambda fh: np.savez(fh, **arrays))
+    return atomic_write(dest, lambda fh: np.savez(fh, **arrays))
 
 
 # ------------------------------------------------------------------------- install_asset
