@@ -104,6 +104,13 @@ def report_outcome(path: Path, outcome, out_dir: Path | None, rows: list, quiet:
                       f"{rep['landmark_rmse_px']:.2f} px)")
 
 
+def with_options(opts, fn):
+    """Apply click option decorators in the order they are listed."""
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 def fit_options(fn):
     """Options shared by `fit` and `fit-set`."""
     opts = [
@@ -126,9 +133,7 @@ def fit_options(fn):
         click.option("--quiet", is_flag=True, help="No progress output."),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return with_options(opts, fn)
 
 
 def source_options(fn):
@@ -141,9 +146,7 @@ def source_options(fn):
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--quiet", is_flag=True),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return with_options(opts, fn)
 
 
 def check_device(device: str):

@@ -227,17 +227,21 @@ IBUG_MIRROR = [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 26, 25,
                51, 50, 49, 48, 59, 58, 57, 56, 55, 64, 63, 62, 61, 60, 67, 66, 65]
 
 
+def _photo(astronaut, which):
+    """The public-domain sample, or the 300-W photo (skipped where shared/ is absent)."""
+    if which == "astronaut":
+        return astronaut
+    if not (REAL / "image_0010.png").is_file():
+        pytest.skip(f"{REAL} not found")
+    return read_image(REAL / "image_0010.png")
+
+
 @needs_mediapipe
 @pytest.mark.parametrize("which", ["astronaut", "300w"])
 def test_mediapipe_mapping_is_mirror_consistent(astronaut, which):
     """Detecting on the mirrored photo and mirroring back (x -> W - x, iBUG left <-> right) gives the
     same 68 points: the table and the silhouette step treat both halves alike."""
-    if which == "astronaut":
-        img = astronaut
-    else:
-        if not (REAL / "image_0010.png").is_file():
-            pytest.skip(f"{REAL} not found")
-        img = read_image(REAL / "image_0010.png")
+    img = _photo(astronaut, which)
     lm = detect_landmarks(img, "mediapipe")
     back = detect_landmarks(np.ascontiguousarray(img[:, ::-1]), "mediapipe")[IBUG_MIRROR]
     back[:, 0] = img.shape[1] - back[:, 0]
@@ -323,12 +327,7 @@ def test_mediapipe_coordinates_are_corner_origin(astronaut, which):
     """Mirroring the image maps x to W - x in corner-origin pixels (W - 1 - x for pixel indices). The
     mean x of the 68 points does not depend on their order, so mean(x) + mean(x_mirrored) = W; a
     half-pixel convention slip in the conversion would make the sum miss W by 1."""
-    if which == "astronaut":
-        img = astronaut
-    else:
-        if not (REAL / "image_0010.png").is_file():
-            pytest.skip(f"{REAL} not found")
-        img = read_image(REAL / "image_0010.png")
+    img = _photo(astronaut, which)
     lm = detect_landmarks(img, "mediapipe")
     mirrored = detect_landmarks(np.ascontiguousarray(img[:, ::-1]), "mediapipe")
     residual = img.shape[1] - mirrored[:, 0].mean() - lm[:, 0].mean()
