@@ -22,7 +22,8 @@ from priors.mesh import mesh_edges, mirror_index
 
 from . import detect, io
 from .albedo import AlbedoModel, installed_albedo_model
-from .camera import ortho_init_from_landmarks
+from .camera import (camera_init_from_landmarks, crop_intrinsics, default_focal_px, opencv_camera,
+                     pinhole_from_ortho)
 from .losses import TERMS, Context, landmark_weights
 from .optimize import Progress, StageReport, run_recipe
 from .params import FitParams
@@ -44,6 +45,9 @@ class Target:
     landmarks: np.ndarray  # 68 x 2 in `image` pixels
     landmarks_crop: np.ndarray  # 68 x 2 in crop pixels
     mask: np.ndarray  # res x res float32 face region (landmark polygon)
+    focal_px: float = 0.0  # focal length in `image` pixels (EXIF or the default field of view)
+    focal_source: str = "default"  # "exif" or "default"
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def stem(self) -> str:
@@ -57,15 +61,20 @@ class Target:
 
 @dataclass
 class Targets:
-    """A batch of targets as tensors: image B x 3 x R x R, landmarks B x 68 x 2, mask B x 1 x R x R."""
+    """A batch of targets as tensors: image B x 3 x R x R, landmarks B x 68 x 2, mask B x 1 x R x R,
+    focal B and principal B x 2: the photo's focal length and centre in crop ndc units."""
 
     image: Tensor
     landmarks: Tensor
     mask: Tensor
     lmk_weights: Tensor
+    focal: Tensor | None = None  # None: no photo intrinsics (weak perspective only)
+    principal: Tensor | None = None
 
     def select(self, rows: Tensor) -> Targets:
-        return Targets(self.image[rows], self.landmarks[rows], self.mask[rows], self.lmk_weights)
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Targets(self.image[rows], self.landmarks[rows], self.mask[rows], self.lmk_weights,
+                       pick(self.focal), pick(self.principal))
 
 
 def polygon_mask(points: np.ndarray, res: int) -> np.ndarray:
@@ -82,6 +91,10 @@ def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = Non
     around them. `where`: the --landmarks argument, for the message when a file is required."""
     path = Path(path)
     image, scale = io.read_image_with_scale(path)
+    h, w = image.shape[:2]
+    focal, warning = io.read_focal_px(path, (round(h / scale), round(w / scale)))
+    focal_source = "exif" if focal is not None else "default"
+    focal = focal * scale if focal is not None else default_focal_px(h, w)
     if landmarks_file is None and detector == "file":
         place = f"in {where}" if where is not None else "(no --landmarks given)"
         raise LandmarkError(f"{path}: no landmark file {path.stem}.pts/.npy/.json {place}; fix: add it or use "
@@ -102,7 +115,8 @@ def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = Non
     crop = detect.crop_image(image, box, res)
     lmk_crop = detect.to_crop(lmk, box, res).astype(np.float32)
     mask = polygon_mask(face_mask_polygon(lmk_crop), res)
-    return Target(path, image, scale, box, crop, lmk.astype(np.float32), lmk_crop, mask)
+    return Target(path, image, scale, box, crop, lmk.astype(np.float32), lmk_crop, mask, focal, focal_source,
+                  [warning] if warning else [])
 
 
 def prepare_from_args(path: Path, res: int, landmarks: Path | None, detector: str, device: str,
@@ -116,7 +130,9 @@ def stack_targets(targets: list[Target], region_weights: dict, device) -> Target
     img = torch.stack([torch.from_numpy(t.crop).permute(2, 0, 1) for t in targets]).to(device)
     lmk = torch.stack([torch.from_numpy(t.landmarks_crop) for t in targets]).to(device)
     mask = torch.stack([torch.from_numpy(t.mask)[None] for t in targets]).to(device)
-    return Targets(img, lmk, mask, landmark_weights(region_weights).to(device))
+    intr = torch.tensor([crop_intrinsics(t.focal_px, t.box, t.image.shape[:2]) for t in targets],
+                        dtype=torch.float32, device=device)
+    return Targets(img, lmk, mask, landmark_weights(region_weights).to(device), intr[:, 0], intr[:, 1:])
 
 
 # ----------------------------------------------------------------------------- model
@@ -190,6 +206,17 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
         total = torch.stack(list(terms.values())).sum(0) if terms else chunk.shape.new_zeros(chunk.batch)
         return total, terms
 
+    def residuals(chunk: FitParams, stage: Stage, rows: Tensor) -> Tensor:
+        """The stage's terms as one residual vector per row, each scaled by sqrt(weight) (least squares):
+        chunk holds the parameters of the target rows `rows` (len(rows) rows, repeats allowed) -> len(rows) x M."""
+        tgt = targets.select(rows)
+        pred = synthesize(setup.model, chunk, res, render=False, lean=True)
+        ctx = Context(chunk, pred, tgt, res, {**setup.extra, "rows": rows})
+        parts = [w ** 0.5 * TERMS[name].residual(ctx) for name, w in stage.weights.items() if w > 0]
+        return torch.cat(parts, dim=1)
+
+    if not tie_shape:  # least squares needs images with their own parameters
+        objective.residuals = residuals
     return objective
 
 
@@ -210,8 +237,10 @@ def initial_params(setup: FitSetup, targets: Targets) -> FitParams:
         params.albedo = setup.albedo_model.initial_albedo(B, setup.device)
     with torch.no_grad():
         out = model_output(m, params)
-        params.cam = ortho_init_from_landmarks(out.landmarks3d_full, targets.landmarks,
-                                               setup.recipe.resolution)
+        pinhole = setup.recipe.camera == "pinhole" and targets.focal is not None
+        params.cam = camera_init_from_landmarks(out.landmarks3d_full, targets.landmarks, setup.recipe.resolution,
+                                                targets.focal if pinhole else None,
+                                                targets.principal if pinhole else None)
     return params
 
 
@@ -227,6 +256,10 @@ class FitResult:
     model_tag: str
     recipe_name: str
     albedo_model: AlbedoModel | None = None  # what params.albedo means (outputs render with it)
+    landmarks3d: np.ndarray | None = None  # 68 x 2, static 3D jawline (AFLW2000-3D convention), original pixels
+    K: np.ndarray | None = None  # 3 x 3 intrinsics, original pixels (OpenCV axes)
+    R: np.ndarray | None = None  # 3 x 3 world-to-camera rotation
+    t: np.ndarray | None = None  # 3 world-to-camera translation (metres)
 
 
 def crop_to_original(points: np.ndarray, target: Target, res: int) -> np.ndarray:
@@ -245,6 +278,8 @@ def collect_results(setup: FitSetup, targets: list[Target], params: FitParams, r
     results = []
     for i, t in enumerate(targets):
         lmk = crop_to_original(pred["landmarks2d"][i].cpu().numpy(), t, res)
+        lmk3d = crop_to_original(pred["landmarks2d_static"][i].cpu().numpy(), t, res)
+        K, R, tr = opencv_camera(params.cam[i], t.box, res, t.scale)
         lmk_t = (t.landmarks / t.scale).astype(np.float32)
         stages = [{"name": r.name, "iterations": r.iterations, "seconds": round(r.seconds, 3),
                    "losses": {k: v[i] for k, v in r.losses.items()}, **({"events": r.events} if r.events else {})}
@@ -256,10 +291,15 @@ def collect_results(setup: FitSetup, targets: list[Target], params: FitParams, r
             "landmark_rmse_px": round(landmark_rmse(lmk, lmk_t), 3),
             "albedo": setup.albedo_model.describe() if setup.albedo_model is not None else "per-vertex",
         }
-        if warnings:
-            report["warnings"] = list(warnings)
+        report["camera"] = {"model": setup.recipe.camera, "focal_px": round(float(K[0, 0]), 2),
+                            "focal_source": t.focal_source if setup.recipe.camera == "pinhole" else "none",
+                            "distance_m": round(float(tr[2]), 4)}
+        notes = list(warnings) + list(t.warnings)
+        if notes:
+            report["warnings"] = notes
         results.append(FitResult(t, params.select(i), pred["vertices"][i].cpu().numpy(), lmk, lmk_t, report,
-                                 setup.model.tag, setup.recipe.name, setup.albedo_model))
+                                 setup.model.tag, setup.recipe.name, setup.albedo_model, lmk3d,
+                                 K.astype(np.float32), R.astype(np.float32), tr.astype(np.float32)))
     return results
 
 
@@ -288,8 +328,11 @@ def deca_initializer(setup: FitSetup):
     def initialize(targets: list[Target]) -> FitParams:
         batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
         crops = torch.nn.functional.interpolate(batch.image, size=(224, 224), mode="bilinear", align_corners=False)
-        return deca_initial_params(encoder, crops, setup.model, initial_params(setup, batch),
-                                   use_tex=getattr(setup.albedo_model, "deca_tex", False))
+        params = deca_initial_params(encoder, crops, setup.model, initial_params(setup, batch),
+                                     use_tex=getattr(setup.albedo_model, "deca_tex", False))
+        if setup.recipe.camera == "pinhole":  # DECA's camera is weak perspective about the crop centre
+            params.cam = pinhole_from_ortho(params.cam, batch.focal, batch.principal)
+        return params
 
     return initialize
 

@@ -19,6 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from priors.errors import ImageError, LandmarkError
 
+from .camera import FULL_FRAME_DIAGONAL_MM
+
 MAX_SIDE = 2048
 N_LANDMARKS = 68
 Image.MAX_IMAGE_PIXELS = 250_000_000  # refuse decompression bombs beyond ~16k x 16k
@@ -112,6 +114,55 @@ def read_image_with_scale(path, max_side: int = MAX_SIDE) -> tuple[np.ndarray, f
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
         scale = rgb.shape[1] / w  # the exact horizontal factor after rounding
     return np.ascontiguousarray(rgb), scale
+
+
+def _ratio(value) -> float:
+    """An EXIF rational (or number) as float; ValueError when it is not one."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return float(value[0]) / float(value[1])
+    return float(value)
+
+
+def read_focal_px(path, size: tuple[int, int]) -> tuple[float | None, str | None]:
+    """Focal length in pixels of an image of `size` (H, W, as decoded) from its EXIF, or None.
+
+    Uses FocalLengthIn35mmFilm (scaled by the image diagonal), else FocalLength with
+    FocalPlaneXResolution. Returns (focal_px or None, warning or None): EXIF that is present but
+    unusable (zero, negative, absurd, unreadable) is ignored with a warning naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            exif = img.getexif()
+            sub = exif.get_ifd(0x8769)  # the Exif IFD holds the focal tags
+    except Exception:  # noqa: BLE001 - EXIF is optional: a broken block only loses the hint
+        return None, f"{path}: EXIF unreadable, focal length ignored (the default field of view is used)"
+    h, w = size
+    diag = float(np.hypot(h, w))
+    try:
+        if 41989 in sub:  # FocalLengthIn35mmFilm, mm
+            f35 = _ratio(sub[41989])
+            if f35 > 0:
+                focal = f35 / FULL_FRAME_DIAGONAL_MM * diag  # 35 mm equivalents refer to a 36 x 24 mm frame
+                return _checked_focal(focal, diag, path)
+        if 37386 in sub and 41486 in sub:  # FocalLength (mm) x FocalPlaneXResolution (pixels per unit)
+            unit_mm = {2: 25.4, 3: 10.0, 4: 1.0}.get(int(sub.get(41488, 2)))
+            f_mm, res_x = _ratio(sub[37386]), _ratio(sub[41486])
+            # the resolution refers to the camera's own pixel size (PixelX/YDimension), not a resized copy's
+            native = max(float(sub.get(0xA002, 0) or 0), float(sub.get(0xA003, 0) or 0)) or max(h, w)
+            if unit_mm and f_mm > 0 and res_x > 0:
+                return _checked_focal(f_mm * res_x / unit_mm * max(h, w) / native, diag, path)
+        if 37386 in sub or 41989 in sub:
+            return None, f"{path}: EXIF focal length is zero or lacks the sensor size; ignored (default field of view)"
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return None, f"{path}: EXIF focal length is not a number; ignored (the default field of view is used)"
+    return None, None
+
+
+def _checked_focal(focal: float, diag: float, path: Path) -> tuple[float | None, str | None]:
+    """A focal length is believed between a 170-degree fisheye and a 2000 mm telephoto (35 mm equivalent)."""
+    if np.isfinite(focal) and 0.05 * diag <= focal <= 50.0 * diag:
+        return float(focal), None
+    return None, f"{path}: EXIF focal length gives {focal:.0f} px for a {diag:.0f} px diagonal; ignored as implausible"
 
 
 def read_image(path, max_side: int = MAX_SIDE) -> np.ndarray:

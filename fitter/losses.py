@@ -49,6 +49,18 @@ def landmark_loss(pred: Tensor, target: Tensor, weights: Tensor, res: int, eps: 
     return (r * weights).sum(1) / weights.sum()
 
 
+def landmark_residual(pred: Tensor, target: Tensor, weights: Tensor, res: int, eps: float = 0.01) -> Tensor:
+    """The landmark term as least-squares residuals (IRLS): B x 68 x 2 points -> B x 136.
+
+    The Charbonnier weight 1 / sqrt(d^2 + eps^2) is taken at the current point and held fixed
+    (detached), so that sum(residual^2) is the robust term's quadratic majoriser there up to a
+    constant: Gauss-Newton on it is iteratively reweighted least squares on `landmark_loss`.
+    """
+    d = (pred - target) / (res / 2.0)
+    irls = 1.0 / torch.sqrt((d.detach() ** 2).sum(-1, keepdim=True) + eps * eps)  # B x 68 x 1
+    return (d * torch.sqrt(0.5 * irls * (weights / weights.sum())[:, None])).flatten(1)
+
+
 def _pair_distance(points: Tensor, a: list[int], b: list[int]) -> Tensor:
     return (points[:, a] - points[:, b]).norm(dim=-1)
 
@@ -57,6 +69,14 @@ def relative_distance_loss(pred: Tensor, target: Tensor, a: list[int], b: list[i
     """Mean |d_pred - d_target| over point pairs (a_i, b_i) (eye closure, lip distance) -> B."""
     dp, dt = _pair_distance(pred, a, b), _pair_distance(target, a, b)
     return ((dp - dt).abs() / (res / 2.0)).mean(1)
+
+
+def relative_distance_residual(pred: Tensor, target: Tensor, a: list[int], b: list[int], res: int,
+                               eps: float = 0.01) -> Tensor:
+    """relative_distance_loss as IRLS residuals (its L1 smoothed at eps, weights detached) -> B x pairs."""
+    e = (_pair_distance(pred, a, b) - _pair_distance(target, a, b)) / (res / 2.0)
+    irls = 1.0 / torch.sqrt(e.detach() ** 2 + eps * eps)
+    return e * torch.sqrt(0.5 * irls / e.shape[1])
 
 
 def photometric_loss(render: Tensor, image: Tensor, mask: Tensor, eps: float = 0.01) -> Tensor:
@@ -78,7 +98,20 @@ def squared_norm(x: Tensor) -> Tensor:
 
 def range_penalty(x: Tensor, low: Tensor, high: Tensor) -> Tensor:
     """Squared distance outside [low, high], elementwise bounds: B x K -> B."""
-    return (torch.relu(low - x) ** 2 + torch.relu(x - high) ** 2).flatten(1).sum(1)
+    return (range_residual(x, low, high) ** 2).sum(1)
+
+
+def range_residual(x: Tensor, low, high) -> Tensor:
+    """Distance outside [low, high] (0 inside), B x K -> B x K: range_penalty = sum of its squares."""
+    return (torch.relu(low - x) + torch.relu(x - high)).flatten(1)
+
+
+def focal_residual(cam: Tensor, focal0: Tensor) -> Tensor:
+    """log(f / f0) of a pinhole camera B x 6 against the photo's focal length B (EXIF or default) -> B x 1;
+    zero for weak perspective. A log prior: a lens twice as long costs what one half as long does."""
+    if cam.shape[1] != 6 or focal0 is None:
+        return cam.new_zeros(cam.shape[0], 1)
+    return torch.log(cam[:, 3:4].clamp_min(1e-6) / focal0[:, None])
 
 
 # jaw: pitch (x) opens the mouth; a little yaw/roll only
@@ -139,8 +172,28 @@ class Context:
 
 @dataclass
 class Term:
+    """fn: the term's value per image (B). residual, when given: B x M residuals whose sum of squares
+    is fn (or, for robust terms, its reweighted quadratic model at the current point), which lets
+    the least-squares solver take the term."""
+
     fn: Callable[[Context], Tensor]
     needs_render: bool = False
+    residual: Callable[[Context], Tensor] | None = None
+
+
+def _from_residual(residual: Callable[[Context], Tensor]) -> Term:
+    """A smooth term defined by its residuals: value = sum of squares."""
+    return Term(lambda c: (residual(c) ** 2).sum(1), residual=residual)
+
+
+def _jaw_residual(c: Context) -> Tensor:
+    jaw = c.params.jaw_pose
+    return range_residual(jaw, jaw.new_tensor(JAW_LOW), jaw.new_tensor(JAW_HIGH))
+
+
+def _neck_residual(c: Context) -> Tensor:
+    neck = c.params.neck_pose
+    return torch.cat([neck, range_residual(neck, -NECK_LIMIT, NECK_LIMIT)], dim=1)
 
 
 def _perceptual(c: Context) -> Tensor:
@@ -166,24 +219,28 @@ def _consistency(c: Context) -> Tensor:
 
 
 TERMS: dict[str, Term] = {
-    "landmark": Term(lambda c: landmark_loss(c.pred["landmarks2d"], c.target.landmarks,
-                                             c.target.lmk_weights, c.res)),
+    "landmark": Term(lambda c: landmark_loss(c.pred["landmarks2d"], c.target.landmarks, c.target.lmk_weights, c.res),
+                     residual=lambda c: landmark_residual(c.pred["landmarks2d"], c.target.landmarks,
+                                                          c.target.lmk_weights, c.res)),
     "eye_closure": Term(lambda c: relative_distance_loss(c.pred["landmarks2d"], c.target.landmarks,
-                                                         EYE_UPPER, EYE_LOWER, c.res)),
+                                                         EYE_UPPER, EYE_LOWER, c.res),
+                        residual=lambda c: relative_distance_residual(c.pred["landmarks2d"], c.target.landmarks,
+                                                                      EYE_UPPER, EYE_LOWER, c.res)),
     "lip_distance": Term(lambda c: relative_distance_loss(c.pred["landmarks2d"], c.target.landmarks,
-                                                          LIP_UPPER, LIP_LOWER, c.res)),
+                                                          LIP_UPPER, LIP_LOWER, c.res),
+                         residual=lambda c: relative_distance_residual(c.pred["landmarks2d"], c.target.landmarks,
+                                                                       LIP_UPPER, LIP_LOWER, c.res)),
     "photo": Term(lambda c: photometric_loss(c.pred["image"], c.target.image,
                                              c.target.mask * c.pred["alpha"]), needs_render=True),
     "photo_l2": Term(lambda c: photometric_l2(c.pred["image"], c.target.image,
                                               c.target.mask * c.pred["alpha"]), needs_render=True),
     "perceptual": Term(_perceptual, needs_render=True),
-    "shape_prior": Term(lambda c: squared_norm(c.params.shape)),
-    "exp_prior": Term(lambda c: squared_norm(c.params.exp)),
-    "jaw_limit": Term(lambda c: range_penalty(c.params.jaw_pose, c.params.jaw_pose.new_tensor(JAW_LOW),
-                                              c.params.jaw_pose.new_tensor(JAW_HIGH))),
-    "neck_prior": Term(lambda c: squared_norm(c.params.neck_pose)
-                       + range_penalty(c.params.neck_pose, -NECK_LIMIT, NECK_LIMIT)),
-    "eye_limit": Term(lambda c: range_penalty(c.params.eye_pose, -EYE_LIMIT, EYE_LIMIT)),
+    "shape_prior": _from_residual(lambda c: c.params.shape),
+    "exp_prior": _from_residual(lambda c: c.params.exp),
+    "jaw_limit": _from_residual(_jaw_residual),
+    "neck_prior": _from_residual(_neck_residual),
+    "eye_limit": _from_residual(lambda c: range_residual(c.params.eye_pose, -EYE_LIMIT, EYE_LIMIT)),
+    "focal_prior": _from_residual(lambda c: focal_residual(c.params.cam, c.target.focal)),
     "light_reg": Term(lambda c: sh_light_regulariser(c.params.light)),
     "albedo_prior": Term(lambda c: squared_norm(c.params.albedo) if c.params.albedo.dim() == 2
                          else c.params.albedo.new_zeros(c.params.batch)),

@@ -1,10 +1,19 @@
-"""The stage loop: Adam on the parameter groups a recipe stage names, against its weighted terms.
+"""The stage loop: a solver on the parameter groups a recipe stage names, against its weighted terms.
 
 It does not know which terms exist: `objective(params, stage, rows)` returns the per-image
-total and per-term values for the image rows `rows` of the batch. With `chunks`, each step
-accumulates gradients over mini-batches of rows (bounded memory for big sets) before one
-Adam update, so the result is the same joint optimisation. Early stop on plateau; a
-non-finite loss rolls back to the last good state and halves the learning rate.
+total and per-term values for the image rows `rows` of the batch. Two solvers, chosen per stage
+by the recipe (`solver = "adam" | "lm"`):
+
+- Adam (our own few lines, the same update as torch.optim.Adam, which costs a second or more
+  of start-up on its first construction). With `chunks`, each step accumulates gradients over
+  mini-batches of rows (bounded memory for big sets) before one update, so the result is the
+  same joint optimisation. Early stop on plateau; a non-finite loss rolls back to the last good
+  state and halves the learning rate.
+- Levenberg-Marquardt, for stages whose terms all have a least-squares form
+  (`objective.residuals(params, stage, rows) -> B x M`): per image, J from forward-mode
+  autodiff, the damped normal equations (J^T J + lambda diag(J^T J)) delta = -J^T r, a step kept
+  only where the true objective decreases (else lambda grows and the image waits). A handful of
+  steps where Adam takes hundreds. Images must be independent (own parameters each).
 """
 
 from __future__ import annotations
@@ -35,11 +44,37 @@ class StageReport:
     events: list[str] = field(default_factory=list)
 
 
+class Adam:
+    """Adam (Kingma & Ba), one learning rate per parameter group, numerically torch.optim.Adam's update."""
+
+    def __init__(self, groups: list[dict], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.groups, self.betas, self.eps, self.steps = groups, betas, eps, 0
+        self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for g in groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True):
+        for g in self.groups:
+            for p in g["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        params = [(p, g["lr"]) for g in self.groups for p in g["params"]]
+        for (p, lr), (m, v) in zip(params, self.state, strict=True):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / c2 ** 0.5).add_(self.eps), value=-lr / c1)
+
+
 def _make_optimizer(leaves: dict[str, Tensor], recipe: Recipe, stage: Stage, scale: float, kind: str):
     groups = [{"params": [t], "lr": recipe.lr[n] * stage.lr_scale * scale} for n, t in leaves.items()]
     if kind == "sgd":
         return torch.optim.SGD(groups, momentum=0.9)
-    return torch.optim.Adam(groups)
+    return Adam(groups)
 
 
 def evaluate(objective: Objective, params: FitParams, stage: Stage, chunks: list[Tensor]):
@@ -61,7 +96,13 @@ def evaluate(objective: Objective, params: FitParams, stage: Stage, chunks: list
 def run_stage(params: FitParams, recipe: Recipe, stage: Stage, objective: Objective,
               progress: Progress | None = None, optimizer: str = "adam",
               chunks: list[Tensor] | None = None) -> tuple[FitParams, StageReport]:
-    """Optimise the stage's parameter groups; the others stay fixed. Returns new params + report."""
+    """Optimise the stage's parameter groups; the others stay fixed. Returns new params + report.
+    The stage's solver decides; `optimizer` ("adam" or "sgd") is the first-order method for Adam stages."""
+    if stage.solver == "lm" and optimizer == "adam":
+        if getattr(objective, "residuals", None) is None:
+            raise FitError(f"stage '{stage.name}': solver 'lm' needs an objective with residuals (images fitted "
+                           "independently); fix: set solver = \"adam\" for this stage")
+        return run_lm_stage(params, stage, objective, progress, chunks)
     if chunks is None:
         chunks = [torch.arange(params.batch, device=params.shape.device)]
     start = time.perf_counter()
@@ -124,3 +165,121 @@ def run_recipe(params: FitParams, recipe: Recipe, objective: Objective, progress
         params, report = run_stage(params, recipe, stage, objective, progress, optimizer, chunks)
         reports.append(report)
     return params, reports
+
+
+# ----------------------------------------------------------------------------- Levenberg-Marquardt
+LM_LAMBDA0, LM_UP, LM_DOWN, LM_MAX_LAMBDA = 1e-3, 4.0, 3.0, 1e8
+
+
+def flatten_params(params: FitParams, names: list[str]) -> Tensor:
+    """The named groups of a batch as one B x P matrix."""
+    return torch.cat([getattr(params, n).flatten(1) for n in names], dim=1)
+
+
+def unflatten_params(params: FitParams, names: list[str], x: Tensor) -> FitParams:
+    """params with the named groups read back from x B x P (the others kept)."""
+    values, at = dict(params.items()), 0
+    for n in names:
+        t = values[n]
+        k = t[0].numel()
+        values[n] = x[:, at:at + k].reshape(t.shape)
+        at += k
+    return FitParams(**values)
+
+
+def batched_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """Residuals and their per-row Jacobian for fn: B x P -> B x M whose rows are independent
+    (row b of the output depends on row b of the input only): -> (B x M, B x M x P).
+
+    Forward mode, one tangent per parameter applied to every row at once (vmap over P), so the cost
+    is one batched forward pass of P tangents, not B x P of them."""
+    P = x.shape[1]
+    basis = torch.eye(P, dtype=x.dtype, device=x.device)
+
+    def column(v: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.func.jvp(fn, (x,), (v.expand_as(x),))
+
+    r, cols = torch.func.vmap(column, out_dims=(None, 0), randomness="same")(basis)  # P x B x M
+    return r, cols.permute(1, 2, 0)
+
+
+def lm_step(J: Tensor, r: Tensor, lam: Tensor) -> Tensor:
+    """Damped Gauss-Newton step per row: J B x M x P, r B x M, lam B -> delta B x P solving
+    (J^T J + lam diag(J^T J) + tiny I) delta = -J^T r. Columns that do not move the residuals
+    (zero Jacobian) get a zero step."""
+    J64, r64 = J.double(), r.double()  # normal equations square the condition number: solve in float64
+    H = J64.transpose(1, 2) @ J64
+    g = (J64.transpose(1, 2) @ r64[..., None])[..., 0]
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    damp = lam.double()[:, None] * diag + 1e-9 * diag.mean(1, keepdim=True).clamp_min(1e-12)
+    A = H + torch.diag_embed(damp)
+    return -torch.linalg.solve(A, g[..., None])[..., 0].to(J.dtype)
+
+
+def run_lm_stage(params: FitParams, stage: Stage, objective: Objective, progress: Progress | None = None,
+                 chunks: list[Tensor] | None = None) -> tuple[FitParams, StageReport]:
+    """Levenberg-Marquardt over the stage's groups, per image; stops when every image's relative
+    decrease is below stage.tol (or after stage.iterations Jacobians). Images in `chunks` are
+    solved one chunk at a time (they are independent)."""
+    start = time.perf_counter()
+    params = params.detach()
+    rows_all = torch.arange(params.batch, device=params.shape.device)
+    chunks = chunks if chunks is not None else [rows_all]
+    names = list(stage.params)
+    x = flatten_params(params, names)
+    events: list[str] = []
+    term_values: dict[str, list[Tensor]] = {}
+    iterations = 0
+    for rows in chunks:
+        base = params.select(rows.tolist())
+        local = torch.arange(len(rows), device=rows.device)
+        xc = x[rows].clone()
+
+        def residual_fn(v: Tensor, base=base, local=local) -> Tensor:
+            return objective.residuals(unflatten_params(base, names, v), stage, local)
+
+        def value(v: Tensor, base=base, local=local) -> tuple[Tensor, dict]:
+            with torch.no_grad():
+                return objective(unflatten_params(base, names, v), stage, local)
+
+        f, terms = value(xc)
+        if not torch.isfinite(f).all():
+            raise FitError(f"stage '{stage.name}': the objective is not finite at the start; fix: check the "
+                           "landmarks and the initial parameters")
+        lam = torch.full_like(f, LM_LAMBDA0)
+        active = torch.ones_like(f, dtype=torch.bool)
+        for it in range(1, stage.iterations + 1):
+            r, J = batched_jacobian(residual_fn, xc)
+            r = r.detach()
+            pending, gain = active.clone(), torch.zeros_like(f)
+            for _ in range(6):  # per image: grow lambda until its step lowers the objective
+                delta = lm_step(J, r, lam)
+                bad = ~torch.isfinite(delta).all(1)
+                trial = xc + torch.where((pending & ~bad)[:, None], torch.nan_to_num(delta), 0.0)
+                f_new, terms_new = value(trial)
+                finite = torch.isfinite(f_new)
+                if ((~finite | bad) & pending).any():  # rolled back: the image keeps its last good state
+                    events.append(f"iteration {it}: non-finite trial step rejected, damping raised")
+                ok = finite & (f_new <= f) & pending & ~bad
+                gain = torch.where(ok, (f - f_new) / f.abs().clamp_min(1e-12), gain)
+                xc = torch.where(ok[:, None], trial, xc)
+                f = torch.where(ok, f_new, f)
+                terms = {k: torch.where(ok, terms_new[k], v) for k, v in terms.items()}
+                lam = torch.where(ok, (lam / LM_DOWN).clamp_min(1e-7), lam)
+                pending = pending & ~ok
+                lam = torch.where(pending, lam * LM_UP, lam)
+                if not pending.any():
+                    break
+            converged = ~pending & (gain < stage.tol)
+            active = active & ~converged & (lam < LM_MAX_LAMBDA)
+            iterations = max(iterations, it)
+            if progress is not None:
+                progress(stage.name, it, stage.iterations, {k: float(v.sum()) for k, v in terms.items()})
+            if not active.any():
+                break
+        x[rows] = xc
+        for k, v in terms.items():
+            term_values.setdefault(k, []).append(v)
+    out = unflatten_params(params, names, x).detach()
+    losses = {k: [float(t) for t in torch.cat(v)] for k, v in term_values.items()}
+    return out, StageReport(stage.name, iterations, time.perf_counter() - start, losses, events)

@@ -12,6 +12,7 @@ from priors.flame import FlameModel
 
 from . import detect, io
 from .albedo import TextureAlbedo, texture_model_for
+from .camera import zoom_camera
 from .params import FitParams, save_fit
 from .shading import SH_CONSTANTS
 from .synth import synthesize
@@ -67,9 +68,7 @@ def composite(photo: np.ndarray, rgba: np.ndarray, opacity: float = 1.0) -> np.n
 
 def zoomed_out(params: FitParams, factor: float) -> FitParams:
     """The same view through a crop `factor` times larger around the same centre (cam scale / factor)."""
-    cam = params.cam.clone()
-    cam[:, 0] = cam[:, 0] / factor
-    return FitParams(**{**dict(params.items()), "cam": cam})
+    return FitParams(**{**dict(params.items()), "cam": zoom_camera(params.cam, factor)})
 
 
 def render_on_photo(model: FlameModel, params: FitParams, photo: np.ndarray, crop_box: np.ndarray,
@@ -131,6 +130,8 @@ def write_fit_outputs(out_root: Path, result, model: FlameModel) -> Path:
             "image": str(t.path),
             "crop_box": (t.box / t.scale).astype(np.float32),  # cx, cy, size in original pixels
         }
+        if result.K is not None:
+            extras.update(K=result.K, R=result.R, t=result.t, landmarks3d=result.landmarks3d)
         texture = texture_model_for(model, result.params.albedo, getattr(result, "albedo_model", None))
         if texture is not None:
             extras["albedo_space"] = texture.describe()

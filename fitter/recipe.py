@@ -6,6 +6,7 @@ Layout (see recipes/default.toml):
     description = "..."
     resolution = 224            # crop size in pixels
     perceptual = "auto"         # off | auto (skip with a warning if VGG weights are absent) | required
+    camera = "pinhole"          # pinhole (default) | ortho (weak perspective, as DECA)
     [lr]                        # Adam learning rate per parameter group
     cam = 0.01 ...
     [stages.NAME]               # stages run in file order
@@ -14,6 +15,7 @@ Layout (see recipes/default.toml):
     lr_scale = 1.0
     patience = 30               # early stop: iterations without relative improvement > tol
     tol = 1e-4
+    solver = "adam"             # adam | lm (Levenberg-Marquardt, for least-squares terms: landmark stages)
     [stages.NAME.weights]
     landmark = 1.0 ...
 """
@@ -36,10 +38,12 @@ SHAPE_MODES = ("shared", "consistency")
 
 TOP_KEYS = {
     "description": str, "resolution": int, "perceptual": str, "lr": dict, "stages": dict,
-    "landmark_weights": dict, "shape_mode": str, "consistency_margin": float,
+    "landmark_weights": dict, "shape_mode": str, "consistency_margin": float, "camera": str,
 }
+CAMERAS = ("pinhole", "ortho")
 STAGE_KEYS = {"iterations": int, "params": list, "weights": dict, "lr_scale": float,
-              "patience": int, "tol": float}
+              "patience": int, "tol": float, "solver": str}
+SOLVERS = ("adam", "lm")
 LANDMARK_REGIONS = ("contour", "brows", "nose", "eyes", "mouth")
 
 
@@ -52,6 +56,7 @@ class Stage:
     lr_scale: float = 1.0
     patience: int = 0  # 0: no early stop
     tol: float = 1e-4
+    solver: str = "adam"  # adam | lm (Levenberg-Marquardt: every term needs a least-squares form)
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Recipe:
     landmark_weights: dict[str, float] = field(default_factory=dict)
     shape_mode: str = "shared"
     consistency_margin: float = 0.5
+    camera: str = "pinhole"  # pinhole (focal from EXIF or the default field of view) | ortho (weak perspective)
     raw: dict = field(default_factory=dict, repr=False)
 
     def uses(self, term: str) -> bool:
@@ -119,6 +125,9 @@ def parse_recipe(data: dict, name: str, source: str) -> Recipe:
     perceptual = data.get("perceptual", "auto")
     if perceptual not in PERCEPTUAL_MODES:
         raise RecipeError(f"{src}: 'perceptual' = {perceptual!r}{_suggest(perceptual, PERCEPTUAL_MODES)}")
+    camera = data.get("camera", "pinhole")
+    if camera not in CAMERAS:
+        raise RecipeError(f"{src}: 'camera' = {camera!r}{_suggest(camera, CAMERAS)}")
     shape_mode = data.get("shape_mode", "shared")
     if shape_mode not in SHAPE_MODES:
         raise RecipeError(f"{src}: 'shape_mode' = {shape_mode!r}{_suggest(shape_mode, SHAPE_MODES)}")
@@ -169,10 +178,20 @@ def parse_recipe(data: dict, name: str, source: str) -> Recipe:
         lr_scale = table.get("lr_scale", 1.0)
         if lr_scale <= 0:
             raise RecipeError(f"{src}: '{where}.lr_scale' must be > 0")
+        solver = table.get("solver", "adam")
+        if solver not in SOLVERS:
+            raise RecipeError(f"{src}: '{where}.solver' = {solver!r}{_suggest(solver, SOLVERS)}")
+        if solver == "lm":
+            from .losses import TERMS
+
+            smooth = [t for t in weights if weights[t] > 0 and TERMS[t].residual is None]
+            if smooth:
+                raise RecipeError(f"{src}: '{where}' uses solver 'lm' but term '{smooth[0]}' has no least-squares "
+                                  "form; fix: set solver = \"adam\" for this stage or drop the term")
         stages.append(Stage(sname, table["iterations"], list(table["params"]), weights, lr_scale,
-                            table.get("patience", 0), table.get("tol", 1e-4)))
+                            table.get("patience", 0), table.get("tol", 1e-4), solver))
     return Recipe(name, source, data.get("description", ""), resolution, perceptual, lr, stages, lmk_w,
-                  shape_mode, data.get("consistency_margin", 0.5), raw=data)
+                  shape_mode, data.get("consistency_margin", 0.5), camera, raw=data)
 
 
 def _coerce(text: str):

@@ -9,7 +9,7 @@ from torch import Tensor
 from priors.errors import UsageError
 from priors.flame import FlameModel
 
-from .camera import ortho_project
+from .camera import project
 from .params import FitParams
 from .render import composite_pixels, interpolate, rasterize, render_mesh
 from .shading import sh_shading, vertex_normals
@@ -24,7 +24,8 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
                background: Tensor | None = None, lean: bool = False, albedo_model=None) -> dict:
     """Evaluate a fit at crop resolution `res`.
 
-    Returns vertices B x V x 3 (model space), landmarks2d B x 68 x 2 (crop pixels),
+    Returns vertices B x V x 3 (model space), landmarks2d B x 68 x 2 (crop pixels, silhouette
+    contour), landmarks2d_static B x 68 x 2 (the fixed 3D jawline),
     landmarks3d B x 68 x 3 (lean, without render: only the vertices landmarks need are
     evaluated, and `vertices` holds just those) and, when `render`: image B x 3 x res x res (albedo x SH shading,
     composited over `background` B x 3 x res x res or black), alpha B x 1 x res x res (soft),
@@ -37,12 +38,13 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     (required then): see :func:`render_textured`.
     """
     out = model_output(model, params, lean=lean and not render)
-    lmk = ortho_project(out.landmarks3d, params.cam, res)[..., :2]
-    pred = {"vertices": out.vertices, "landmarks2d": lmk, "landmarks3d": out.landmarks3d}
+    lmk = project(out.landmarks3d, params.cam, res)[..., :2]
+    pred = {"vertices": out.vertices, "landmarks2d": lmk, "landmarks3d": out.landmarks3d,
+            "landmarks2d_static": project(out.landmarks3d_full, params.cam, res)[..., :2]}
     if not render:
         return pred
     faces = model.faces
-    screen = ortho_project(out.vertices, params.cam, res)
+    screen = project(out.vertices, params.cam, res)
     normals = vertex_normals(out.vertices, faces)
     shade = sh_shading(normals, params.light)
     if params.albedo.dim() == 2:  # texture-space coefficients

@@ -23,12 +23,13 @@ def blend_shapes(coeffs: Tensor, dirs: Tensor) -> Tensor:
 
     coeffs B x K, dirs V x 3 x K -> offsets B x V x 3.
     """
-    return torch.einsum("bk,vck->bvc", coeffs, dirs)
+    V, C, K = dirs.shape
+    return (coeffs @ dirs.reshape(V * C, K).T).view(-1, V, C)  # a matmul: einsum costs an import under autodiff
 
 
 def vertices2joints(J_regressor: Tensor, vertices: Tensor) -> Tensor:
     """Joint locations regressed from vertices: J_regressor J x V, vertices B x V x 3 -> B x J x 3."""
-    return torch.einsum("jv,bvc->bjc", J_regressor, vertices)
+    return J_regressor @ vertices
 
 
 def batch_rodrigues(rot_vecs: Tensor, eps: float = 1e-8) -> Tensor:
@@ -99,7 +100,7 @@ def lbs(
     pose_feature = (rot_mats[:, 1:] - eye).reshape(B, -1)
     v_posed = v_shaped + (pose_feature @ posedirs).view(B, -1, 3)
     posed_joints, A = batch_rigid_transform(rot_mats, joints, parents)
-    T = torch.einsum("vj,bjxy->bvxy", weights, A)  # B x V x 4 x 4
+    T = (weights @ A.reshape(B, -1, 16)).view(B, -1, 4, 4)  # B x V x 4 x 4
     verts = (T[:, :, :3, :3] @ v_posed[..., None])[..., 0] + T[:, :, :3, 3]
     return verts, posed_joints
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.synthetic import write_synthetic_flame
+from tests.synthetic import as_default_pinhole, write_synthetic_flame
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def photo_set(standin_model, tmp_path_factory):
     rng = np.random.default_rng(7)
     cases = []
     for k, yaw in enumerate((-15.0, 20.0)):
-        params = random_params(standin_model, rng, yaw_deg=yaw)
+        params = as_default_pinhole(random_params(standin_model, rng, yaw_deg=yaw), 320)
         image, lmk = render_photo(standin_model, params, rng, size=320)
         cases.append((write_case(folder, f"face{k}", image, lmk), params, lmk))
     return folder, cases

@@ -421,3 +421,17 @@ def synthetic_assets(n_shape: int = 8, n_exp: int = 6, seed: int = 0):
     assets.source = f"synthetic(n_shape={n_shape}, n_exp={n_exp}, seed={seed})"
     assets.name = "synthetic"
     return assets
+
+
+def as_default_pinhole(params, size: int):
+    """The same framing through the pinhole camera a fit assumes for a size x size photo without EXIF
+    (the default field of view, principal point at the centre): renders of it are what the default
+    recipe expects, so known-answer fits test the optimisation, not a lens mismatch."""
+    import torch
+
+    from fitter.camera import default_focal_px
+
+    cam = params.cam
+    focal = default_focal_px(size, size) / (size / 2.0)
+    params.cam = torch.cat([cam[:, :3], torch.full_like(cam[:, :1], focal), torch.zeros_like(cam[:, :2])], dim=1)
+    return params

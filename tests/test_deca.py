@@ -245,4 +245,6 @@ def test_fit_starts_from_the_encoder(saved, encoder, synthetic_model_dir, tmp_pa
     torch.testing.assert_close(result.params.shape[0], code[0, :model.n_shape])
     torch.testing.assert_close(result.params.exp[0], code[0, 150:150 + model.n_exp])
     torch.testing.assert_close(result.params.jaw_pose[0], code[0, 203:206])
-    torch.testing.assert_close(result.params.cam[0], code[0, 206:209])
+    # DECA's weak-perspective camera, as the pinhole camera that frames the model origin's plane alike
+    torch.testing.assert_close(result.params.cam[0, 0], code[0, 206])
+    assert result.params.cam.shape == (1, 6) and result.report["camera"]["model"] == "pinhole"

@@ -6,8 +6,11 @@ import torch
 
 from bench.synthetic import face_error_mm, face_region, true_vertices
 from fitter import io
+from fitter.camera import project_opencv
 from fitter.fit import fit_images
 from fitter.outputs import write_fit_outputs
+from fitter.params import load_fit
+from fitter.synth import model_output
 from priors.errors import ImageError, LandmarkError
 
 FAST = ["stages.landmarks.patience=0"]
@@ -43,7 +46,7 @@ def test_same_seed_same_result(standin_model, photo_set):
 def test_batch_matches_single_fits(standin_model, photo_set):
     folder, cases = photo_set
     paths = [c[0] for c in cases]
-    # plateau stop is per batch, so it is off; a short budget, since Adam amplifies float32
+    # the least-squares stages stop per image; a short budget, since the optimiser amplifies float32
     # summation-order differences (the only thing batching changes) along flat directions
     overrides = ["stages.rigid.patience=0", "stages.landmarks.patience=0", "stages.rigid.iterations=20",
                  "stages.landmarks.iterations=30"]
@@ -83,8 +86,9 @@ def test_outputs_follow_the_contract(standin_model, photo_set, tmp_path):
     with np.load(out / "fit.npz") as fit:
         n_v = standin_model.n_verts
         expected = {"shape": (100,), "exp": (53,), "global_pose": (3,), "neck_pose": (3,), "jaw_pose": (3,),
-                    "eye_pose": (6,), "cam": (3,), "light": (9, 3), "albedo": (n_v, 3), "vertices": (n_v, 3),
-                    "landmarks2d": (68, 2), "landmarks2d_target": (68, 2), "image_size": (2,)}
+                    "eye_pose": (6,), "cam": (6,), "light": (9, 3), "albedo": (n_v, 3), "vertices": (n_v, 3),
+                    "landmarks2d": (68, 2), "landmarks2d_target": (68, 2), "image_size": (2,),
+                    "K": (3, 3), "R": (3, 3), "t": (3,), "landmarks3d": (68, 2)}
         for key, shape in expected.items():
             assert fit[key].shape == shape, key
             assert fit[key].dtype == (np.int64 if key == "image_size" else np.float32), key
@@ -92,6 +96,18 @@ def test_outputs_follow_the_contract(standin_model, photo_set, tmp_path):
         assert str(fit["model"]).startswith("ict-flame sha256:") and str(fit["recipe"]) == "fast"
         rmse = np.sqrt(((fit["landmarks2d"] - fit["landmarks2d_target"]) ** 2).sum(1).mean())
         assert rmse < 1.5
+        # the contract's camera: the fitted landmarks are the model's, seen through K, R, t
+        params, _ = load_fit(out / "fit.npz")
+        with torch.no_grad():
+            lmk3 = model_output(standin_model, params)
+        K, R, t = (fit[k].astype(np.float64) for k in ("K", "R", "t"))
+        for points, key in ((lmk3.landmarks3d, "landmarks2d"), (lmk3.landmarks3d_full, "landmarks3d")):
+            np.testing.assert_allclose(project_opencv(points[0].numpy().astype(np.float64), K, R, t), fit[key],
+                                       atol=1e-2)
+        # the static jawline differs from the silhouette contour (the face is turned), the rest is the same
+        assert np.abs(fit["landmarks3d"][:17] - fit["landmarks2d"][:17]).max() > 0.5
+        np.testing.assert_allclose(fit["landmarks3d"][17:], fit["landmarks2d"][17:], atol=1e-3)
+        assert abs(K[0, 2] - 160.0) < 1e-2 and abs(K[1, 2] - 160.0) < 1e-2  # principal point: the photo centre
     verts, faces = io.read_obj(out / "mesh.obj")
     assert verts.shape == (standin_model.n_verts, 3) and faces.shape == (standin_model.faces.shape[0], 3)
     overlay = io.read_image(out / "overlay.png")

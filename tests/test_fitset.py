@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import cli
 from bench.identity import neutral_vertices
+from tests.synthetic import as_default_pinhole
 from bench.synthetic import face_error_mm, face_region, random_params, render_photo, write_case
 from fitter.fit import make_setup, prepare_target
 from fitter.fitset import Identity, fit_identity, fit_set, load_negative_shapes, write_identity
@@ -33,7 +34,7 @@ def one_person(standin_model, tmp_path_factory):
     shape = rng.normal(0, 1, standin_model.n_shape).astype(np.float32)
     paths = []
     for k, yaw in enumerate(YAWS):
-        params = random_params(standin_model, rng, shape=shape, yaw_deg=yaw)
+        params = as_default_pinhole(random_params(standin_model, rng, shape=shape, yaw_deg=yaw), 160)
         image, lmk = render_photo(standin_model, params, rng, size=160)
         paths.append(write_case(folder, f"img{k}", image, lmk))
     return folder, paths, shape

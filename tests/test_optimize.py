@@ -67,3 +67,92 @@ def test_chunks_give_the_same_steps_as_one_batch():
                              chunks=[torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4])])
     torch.testing.assert_close(chunked.shape, whole.shape)
     assert len(rep.losses["quad"]) == 5
+
+
+# ----------------------------------------------------------------------------- Levenberg-Marquardt
+def lm_recipe(solver, iterations, lr=0.02):
+    data = {"lr": {"shape": lr},
+            "stages": {"s": {"iterations": iterations, "params": ["shape"], "weights": {"shape_prior": 1.0},
+                             "solver": solver, "tol": 1e-10}}}
+    return parse_recipe(data, "test", "test")
+
+
+def curve_residuals(goal):
+    """A small nonlinear least-squares problem per image (3 unknowns, 5 residuals, one exact optimum
+    at `goal` when the data come from it, plus a prior that moves it a little)."""
+    def residuals(chunk, stage, rows):
+        a, b, c = chunk.shape[:, 0], chunk.shape[:, 1], chunk.shape[:, 2]
+        g = goal[rows]
+        f = lambda a, b, c: torch.stack([torch.exp(0.5 * a), a * b, b + c * c, torch.sin(c) + a, 0.3 * a * c], 1)  # noqa
+        data = f(a, b, c) - f(g[:, 0], g[:, 1], g[:, 2])
+        return torch.cat([data, 0.1 * chunk.shape], dim=1)
+
+    def objective(params, stage, rows):
+        r = residuals(params.select(rows.tolist()), stage, rows)
+        v = (r * r).sum(1)
+        return v, {"curve": v}
+
+    objective.residuals = residuals
+    return objective
+
+
+def test_lm_jacobian_matches_finite_differences():
+    from fitter.optimize import batched_jacobian
+
+    goal = torch.tensor([[0.5, -1.0, 0.8], [1.2, 0.3, -0.5]], dtype=torch.float64)
+    p = FitParams.initial(2, 3, 2, 5).map(lambda t: t.double())
+    obj = curve_residuals(goal)
+    x = torch.tensor([[0.1, 0.2, 0.3], [-0.4, 0.5, 0.9]], dtype=torch.float64)
+    fn = lambda v: obj.residuals(FitParams(**{**dict(p.items()), "shape": v}), None, torch.arange(2))  # noqa: E731
+    r, J = batched_jacobian(fn, x)
+    eps = 1e-6
+    fd = torch.stack([(fn(x + eps * torch.eye(3, dtype=x.dtype)[k]) - fn(x - eps * torch.eye(3, dtype=x.dtype)[k]))
+                      / (2 * eps) for k in range(3)], dim=2)
+    torch.testing.assert_close(J, fd, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(r, fn(x))
+
+
+def test_lm_reaches_adams_optimum_in_a_few_steps():
+    goal = torch.tensor([[0.5, -1.0, 0.8], [1.2, 0.3, -0.5]])
+    p = FitParams.initial(2, 3, 2, 5)
+    obj = curve_residuals(goal)
+    r_lm, r_adam = lm_recipe("lm", 30), lm_recipe("adam", 4000)
+    lm, rep_lm = run_stage(p, r_lm, r_lm.stages[0], obj)
+    adam, _ = run_stage(p, r_adam, r_adam.stages[0], obj)
+    torch.testing.assert_close(lm.shape, adam.shape, atol=3e-3, rtol=0)
+    assert rep_lm.iterations <= 30
+    v_lm, v_adam = obj(lm, None, torch.arange(2))[0], obj(adam, None, torch.arange(2))[0]
+    assert (v_lm <= v_adam + 1e-6).all()
+    assert (lm.shape - goal).abs().max() < 0.2  # the prior only nudges the optimum off the data's
+
+
+def test_lm_rejects_non_finite_steps():
+    goal = torch.tensor([[0.5, -1.0, 0.8]])
+    base = curve_residuals(goal)
+    calls = {"n": 0}
+
+    def objective(params, stage, rows):
+        calls["n"] += 1
+        v, terms = base(params, stage, rows)
+        if calls["n"] in (2, 3):  # the first trial steps come back NaN
+            v = v * float("nan")
+        return v, terms
+
+    objective.residuals = base.residuals
+    r = lm_recipe("lm", 40)
+    out, rep = run_stage(FitParams.initial(1, 3, 2, 5), r, r.stages[0], objective)
+    assert torch.isfinite(out.shape).all()
+    assert any("non-finite" in e for e in rep.events)
+    torch.testing.assert_close(out.shape, run_stage(FitParams.initial(1, 3, 2, 5), r, r.stages[0], base)[0].shape,
+                               atol=1e-3, rtol=0)
+
+
+def test_lm_refuses_terms_without_a_least_squares_form():
+    import pytest
+
+    from priors.errors import RecipeError
+
+    data = {"lr": {"shape": 0.1, "light": 0.1, "albedo": 0.1},
+            "stages": {"s": {"iterations": 3, "params": ["shape"], "weights": {"photo": 1.0}, "solver": "lm"}}}
+    with pytest.raises(RecipeError, match="'photo' has no least-squares form"):
+        parse_recipe(data, "test", "test")
