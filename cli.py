@@ -290,9 +290,27 @@ def transfer(source, target, out, mode, mix_spec, regions, eyes, model, recipe, 
     console.print(f"[green]wrote[/] {folder}/transfer.npz, mesh.obj, transfer.png")
 
 
+class ManyValuesOption(click.Option):
+    """A repeatable option that also takes the plain words after it, so `--expressions a b c` is
+    `--expressions a --expressions b --expressions c` (it stops at the next word starting with '-')."""
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        option = next(parser._long_opt.get(o) or parser._short_opt.get(o) for o in self.opts)
+        take_one = option.process
+
+        def process(value, state):
+            take_one(value, state)
+            while state.rargs and not state.rargs[0].startswith("-"):
+                state.opts[option.dest].append(state.rargs.pop(0))
+
+        option.process = process
+
+
 @main.command()
 @click.argument("target")
-@click.option("--expressions", multiple=True, help="Folder or files (photos or fit.npz); repeatable.")
+@click.option("--expressions", cls=ManyValuesOption, multiple=True, metavar="DIR|FILES...",
+              help="A folder, or photos / fit.npz files (several after one flag, or the flag repeated).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--yaw-sweep", is_flag=True, help="Add a head turn from -30 to 30 degrees.")
 @click.option("--jaw-sweep", is_flag=True, help="Add a jaw opening from 0 to 30 degrees.")
