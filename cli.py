@@ -382,18 +382,49 @@ def recipes_show(name):
     click.echo(recipe_path(name).read_text(encoding="utf-8"), nl=False)
 
 
+def wrap_whole_words(text: str, width: int, indent: str = "") -> list[str]:
+    """Lines of at most `width` characters broken between words only: a path, URL or `quoted command`
+    is never split or shortened (one longer than the line stands alone on its own line)."""
+    tokens: list[str] = []
+    for word in text.split():
+        if tokens and tokens[-1].count("`") % 2:  # inside a `command`: keep it one token
+            tokens[-1] += " " + word
+        else:
+            tokens.append(word)
+    lines, line = [], ""
+    for token in tokens:
+        if line and len(indent) + len(line) + 1 + len(token) > width:
+            lines.append(indent + line)
+            line = token
+        else:
+            line = f"{line} {token}" if line else token
+    return lines + [indent + line] if line else lines
+
+
 @main.command()
 @click.option("--model", default=None)
 @handle_errors
 def doctor(model):
     """What is installed and usable, with the fix for anything missing."""
+    from rich import box
+    from rich.markup import escape
+
     from priors.doctor import doctor_items
 
-    table = Table("item", "status", "detail", "fix")
-    for item in doctor_items(model):
+    items = doctor_items(model)
+    table = Table("item", "status", "", box=box.SIMPLE_HEAD)
+    for item in items:
         status = "[green]ok[/]" if item.ok else "[yellow]missing[/]"
-        table.add_row(item.name, status, item.detail, "" if item.ok else item.fix)
+        table.add_row(item.name, status, "" if item.required else "optional")
     out_console.print(table)
+    width = max(40, out_console.width)
+    for item in items:  # the full details and fixes, wrapped between words only
+        out_console.print(f"[bold]{escape(item.name)}[/]", soft_wrap=True)
+        for line in wrap_whole_words(item.detail, width, "  "):
+            out_console.print(escape(line), soft_wrap=True)
+        if not item.ok:
+            for k, line in enumerate(wrap_whole_words("fix: " + item.fix, width, "  ")):
+                out_console.print(f"[yellow]{escape(line)}[/]" if k == 0 else escape(line), soft_wrap=True)
 
 
 @main.group()
