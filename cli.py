@@ -414,7 +414,7 @@ def doctor(model):
     items = doctor_items(model)
     table = Table("item", "status", "", box=box.SIMPLE_HEAD)
     for item in items:
-        status = "[green]ok[/]" if item.ok else "[yellow]missing[/]"
+        status = f"[{'green' if item.ok else 'yellow'}]{item.status or ('ok' if item.ok else 'missing')}[/]"
         table.add_row(item.name, status, "" if item.required else "optional")
     out_console.print(table)
     width = max(40, out_console.width)
