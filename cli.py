@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from priors.errors import FlamefitError, UsageError
 
@@ -42,7 +42,10 @@ def handle_errors(fn):
 
 
 class StageProgress:
-    """A rich progress bar per stage with live losses; silent when quiet."""
+    """A rich progress bar per stage with live losses; silent when quiet. The stage name, bar, count
+    and time always show in full; the losses take what is left of the line (cut with '…')."""
+
+    BAR_WIDTH = 20
 
     def __init__(self, quiet: bool, label: str = ""):
         self.quiet = quiet
@@ -52,11 +55,25 @@ class StageProgress:
 
     def __enter__(self):
         if not self.quiet:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                                     "{task.total}"), TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
+            keep = Column(no_wrap=True)
+            self.progress = Progress(TextColumn("{task.description}", table_column=keep),
+                                     BarColumn(bar_width=self.BAR_WIDTH), TextColumn(
+                                         "{task.completed}/{task.total}", table_column=Column(no_wrap=True)),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[losses]}",
+                                                                     table_column=Column(no_wrap=True)),
                                      console=console, transient=True)
             self.progress.__enter__()
         return self
+
+    def _fit_losses(self, text: str) -> str:
+        """The losses text cut to the room the other columns leave on the console's line."""
+        tasks = self.progress.tasks
+        name = max(len(t.description) for t in tasks)
+        count = max(len(f"{t.total:g}") * 2 + 1 for t in tasks)
+        room = console.width - (name + self.BAR_WIDTH + count + 7 + 4) - 1  # 7: 0:00:00; 4 column gaps
+        if len(text) <= room:
+            return text
+        return text[:room - 1] + "…" if room > 1 else ""
 
     def __exit__(self, *exc):
         if self.progress is not None:
@@ -70,7 +87,7 @@ class StageProgress:
             self.tasks[key] = self.progress.add_task(f"{self.label} {stage}".strip(), total=total, losses="")
         if it % 5 == 0 or it == total:
             text = " ".join(f"{k}={v:.4g}" for k, v in list(losses.items())[:4])
-            self.progress.update(self.tasks[key], completed=it, losses=text)
+            self.progress.update(self.tasks[key], completed=it, losses=self._fit_losses(text))
 
 
 def expand_images(items) -> list[Path]:
