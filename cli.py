@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from priors.errors import FlamefitError, UsageError
 
@@ -42,7 +42,10 @@ def handle_errors(fn):
 
 
 class StageProgress:
-    """A rich progress bar per stage with live losses; silent when quiet."""
+    """A rich progress bar per stage with live losses; silent when quiet. The stage name, bar, count
+    and time always show in full; the losses take what is left of the line (cut with '…')."""
+
+    BAR_WIDTH = 20
 
     def __init__(self, quiet: bool, label: str = ""):
         self.quiet = quiet
@@ -52,11 +55,25 @@ class StageProgress:
 
     def __enter__(self):
         if not self.quiet:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                                     "{task.total}"), TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
+            keep = Column(no_wrap=True)
+            self.progress = Progress(TextColumn("{task.description}", table_column=keep),
+                                     BarColumn(bar_width=self.BAR_WIDTH), TextColumn(
+                                         "{task.completed}/{task.total}", table_column=Column(no_wrap=True)),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[losses]}",
+                                                                     table_column=Column(no_wrap=True)),
                                      console=console, transient=True)
             self.progress.__enter__()
         return self
+
+    def _fit_losses(self, text: str) -> str:
+        """The losses text cut to the room the other columns leave on the console's line."""
+        tasks = self.progress.tasks
+        name = max(len(t.description) for t in tasks)
+        count = max(len(f"{t.total:g}") * 2 + 1 for t in tasks)
+        room = console.width - (name + self.BAR_WIDTH + count + 7 + 4) - 1  # 7: 0:00:00; 4 column gaps
+        if len(text) <= room:
+            return text
+        return text[:room - 1] + "…" if room > 1 else ""
 
     def __exit__(self, *exc):
         if self.progress is not None:
@@ -70,7 +87,7 @@ class StageProgress:
             self.tasks[key] = self.progress.add_task(f"{self.label} {stage}".strip(), total=total, losses="")
         if it % 5 == 0 or it == total:
             text = " ".join(f"{k}={v:.4g}" for k, v in list(losses.items())[:4])
-            self.progress.update(self.tasks[key], completed=it, losses=text)
+            self.progress.update(self.tasks[key], completed=it, losses=self._fit_losses(text))
 
 
 def expand_images(items) -> list[Path]:
@@ -290,9 +307,27 @@ def transfer(source, target, out, mode, mix_spec, regions, eyes, model, recipe, 
     console.print(f"[green]wrote[/] {folder}/transfer.npz, mesh.obj, transfer.png")
 
 
+class ManyValuesOption(click.Option):
+    """A repeatable option that also takes the plain words after it, so `--expressions a b c` is
+    `--expressions a --expressions b --expressions c` (it stops at the next word starting with '-')."""
+
+    def add_to_parser(self, parser, ctx):
+        super().add_to_parser(parser, ctx)
+        option = next(parser._long_opt.get(o) or parser._short_opt.get(o) for o in self.opts)
+        take_one = option.process
+
+        def process(value, state):
+            take_one(value, state)
+            while state.rargs and not state.rargs[0].startswith("-"):
+                state.opts[option.dest].append(state.rargs.pop(0))
+
+        option.process = process
+
+
 @main.command()
 @click.argument("target")
-@click.option("--expressions", multiple=True, help="Folder or files (photos or fit.npz); repeatable.")
+@click.option("--expressions", cls=ManyValuesOption, multiple=True, metavar="DIR|FILES...",
+              help="A folder, or photos / fit.npz files (several after one flag, or the flag repeated).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--yaw-sweep", is_flag=True, help="Add a head turn from -30 to 30 degrees.")
 @click.option("--jaw-sweep", is_flag=True, help="Add a jaw opening from 0 to 30 degrees.")
@@ -364,18 +399,49 @@ def recipes_show(name):
     click.echo(recipe_path(name).read_text(encoding="utf-8"), nl=False)
 
 
+def wrap_whole_words(text: str, width: int, indent: str = "") -> list[str]:
+    """Lines of at most `width` characters broken between words only: a path, URL or `quoted command`
+    is never split or shortened (one longer than the line stands alone on its own line)."""
+    tokens: list[str] = []
+    for word in text.split():
+        if tokens and tokens[-1].count("`") % 2:  # inside a `command`: keep it one token
+            tokens[-1] += " " + word
+        else:
+            tokens.append(word)
+    lines, line = [], ""
+    for token in tokens:
+        if line and len(indent) + len(line) + 1 + len(token) > width:
+            lines.append(indent + line)
+            line = token
+        else:
+            line = f"{line} {token}" if line else token
+    return lines + [indent + line] if line else lines
+
+
 @main.command()
 @click.option("--model", default=None)
 @handle_errors
 def doctor(model):
     """What is installed and usable, with the fix for anything missing."""
+    from rich import box
+    from rich.markup import escape
+
     from priors.doctor import doctor_items
 
-    table = Table("item", "status", "detail", "fix")
-    for item in doctor_items(model):
-        status = "[green]ok[/]" if item.ok else "[yellow]missing[/]"
-        table.add_row(item.name, status, item.detail, "" if item.ok else item.fix)
+    items = doctor_items(model)
+    table = Table("item", "status", "", box=box.SIMPLE_HEAD)
+    for item in items:
+        status = f"[{'green' if item.ok else 'yellow'}]{item.status or ('ok' if item.ok else 'missing')}[/]"
+        table.add_row(item.name, status, "" if item.required else "optional")
     out_console.print(table)
+    width = max(40, out_console.width)
+    for item in items:  # the full details and fixes, wrapped between words only
+        out_console.print(f"[bold]{escape(item.name)}[/]", soft_wrap=True)
+        for line in wrap_whole_words(item.detail, width, "  "):
+            out_console.print(escape(line), soft_wrap=True)
+        if not item.ok:
+            for k, line in enumerate(wrap_whole_words("fix: " + item.fix, width, "  ")):
+                out_console.print(f"[yellow]{escape(line)}[/]" if k == 0 else escape(line), soft_wrap=True)
 
 
 @main.group()

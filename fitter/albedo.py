@@ -28,7 +28,7 @@ into fit.json: never a silent change).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from priors.errors import AssetError, UsageError
-from priors.textures import TextureSpace, check_texture_space, find_texture_space, load_texture_space
+from priors.textures import (
+    FLAME_N_VERTS, UV_LAYOUT_FILE, TextureSpace, align_uv_layout, check_texture_space, find_texture_space,
+    find_uv_layout, load_texture_space, read_uv_layout,
+)
 
 from .params import MEAN_SKIN
 from .render import Fragments, interpolate
@@ -46,11 +49,11 @@ from .render import Fragments, interpolate
 __all__ = ["FLAME_N_VERTS", "N_TEX", "TEX_SIZE", "AlbedoModel", "TextureAlbedo", "VertexAlbedo",
            "albedo_model_for", "installed_albedo_model", "load_albedo_space", "texture_model_for"]
 
-FLAME_N_VERTS = 5023  # FLAME's topology (2019-2023 models); texture spaces are made for it
 N_TEX = 50  # texture components fitted (DECA's n_tex; its tex codes fill exactly these)
 TEX_SIZE = 256  # working texture size (the stored 512 x 512 box-downsampled)
-#: OBJ files with FLAME's UV layout looked for next to a texture space that has none (BFM's)
-UV_TEMPLATE_NAMES = ("head_template.obj", "FLAME_uv_template.obj", "uv_template.obj")
+#: OBJ files with FLAME's UV layout looked for next to a texture space that has none (BFM's), before the
+#: installed one (`assets install head_template.obj` -> <home>/uv/head_template.obj)
+UV_TEMPLATE_NAMES = (UV_LAYOUT_FILE, "FLAME_uv_template.obj", "uv_template.obj")
 
 
 class AlbedoModel:
@@ -198,10 +201,20 @@ def albedo_model_for(model, space: TextureSpace | None, require_flame: bool = Tr
         return fallback(f"it is made for FLAME's {FLAME_N_VERTS}-vertex mesh and this model has "
                         f"{n_verts} vertices")
     if space.vt is None or space.ft is None:
-        return fallback(f"it has no UV layout (vt/ft); fix: put FLAME's {UV_TEMPLATE_NAMES[0]} "
-                        "next to it, or install FLAME_texture.npz")
+        return fallback(f"it has no UV layout (vt/ft); fix: `python cli.py assets install {UV_TEMPLATE_NAMES[0]}` "
+                        "(DECA's data/head_template.obj), or install FLAME_texture.npz")
+    layout = space.uv_layout  # vt/ft from an OBJ: its vertices must be the model's, its triangles matched to ours
+    if layout is not None and layout.n_verts != n_verts:
+        return fallback(f"its UV layout {Path(layout.source).name} has {layout.n_verts} vertices and the "
+                        f"model {n_verts}")
     if space.ft.shape[0] != n_faces:
         return fallback(f"its UV layout has {space.ft.shape[0]} triangles and the model {n_faces}")
+    if layout is not None:
+        faces = model.faces.detach().cpu().numpy() if isinstance(model.faces, Tensor) else np.asarray(model.faces)
+        try:
+            space = replace(space, ft=align_uv_layout(layout, faces), uv_layout=None)
+        except AssetError as exc:
+            return fallback(f"its UV layout does not fit this mesh: {exc}")
     return TextureAlbedo.from_space(space), None
 
 
@@ -209,39 +222,29 @@ _SPACES: dict[tuple, TextureSpace] = {}
 _SPACES_MAX = 2
 
 
-def _read_uv_obj(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """vt (T, 2) float32 and ft (F, 3) int64 (0-based) from an OBJ's `vt` and `f a/t ...` lines."""
-    vt, ft = [], []
-    for line in path.read_text(errors="replace").splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if parts[0] == "vt":
-            vt.append([float(x) for x in parts[1:3]])
-        elif parts[0] == "f":
-            corners = [p.split("/") for p in parts[1:]]
-            if len(corners) != 3 or any(len(c) < 2 or not c[1] for c in corners):
-                raise AssetError(f"{path}: face '{line.strip()}' is not a triangle with texture "
-                                 "indices (f v/vt v/vt v/vt); fix: use FLAME's head_template.obj")
-            ft.append([int(c[1]) - 1 for c in corners])
-    vt_a, ft_a = np.array(vt, np.float32).reshape(-1, 2), np.array(ft, np.int64).reshape(-1, 3)
-    if not len(ft_a) or ft_a.min() < 0 or ft_a.max() >= len(vt_a):
-        raise AssetError(f"{path}: no UV layout (vt / f v/vt lines) or indices outside vt; fix: use "
-                         "FLAME's head_template.obj")
-    return vt_a, ft_a
+def _uv_layout_path(space_file: Path, home: str | Path | None) -> Path | None:
+    """The OBJ a UV space without vt/ft takes its layout from: one next to the file, else the installed one."""
+    for name in UV_TEMPLATE_NAMES:
+        if (space_file.parent / name).is_file():
+            return space_file.parent / name
+    return find_uv_layout(home)
 
 
-def load_albedo_space(path: str | Path, n_tex: int = N_TEX, size: int | None = TEX_SIZE) -> TextureSpace:
-    """A texture space file, loaded once per process (cached by path, mtime, n_tex, size):
+def load_albedo_space(path: str | Path, n_tex: int = N_TEX, size: int | None = TEX_SIZE,
+                      home: str | Path | None = None) -> TextureSpace:
+    """A texture space file, loaded once per process (cached by path, mtime, n_tex, size and UV layout file):
     the first min(n_tex, available) components, box-downsampled to size x size where the stored
     size is a multiple of it (else as stored). A UV space without vt/ft (BFM's) takes FLAME's UV
-    layout from an OBJ next to it (UV_TEMPLATE_NAMES), when there is one."""
+    layout from an OBJ next to it (UV_TEMPLATE_NAMES), else from the installed `<home>/uv/head_template.obj`
+    (space.uv_layout keeps it, so albedo_model_for can match its triangles to the model's)."""
     p = Path(path).expanduser().resolve()
     if not p.is_file():
         raise AssetError(f"{p}: texture space file does not exist; fix: check the path or re-install it")
     _, kind, available = check_texture_space(p)
     n = min(int(n_tex), available)
-    key = (str(p), p.stat().st_mtime_ns, n, size if kind == "uv" else None)
+    layout_file = _uv_layout_path(p, home) if kind == "uv" else None
+    layout_stamp = (str(layout_file), layout_file.stat().st_mtime_ns) if layout_file is not None else None
+    key = (str(p), p.stat().st_mtime_ns, n, size if kind == "uv" else None, layout_stamp)
     if key in _SPACES:
         return _SPACES[key]
     try:
@@ -250,11 +253,9 @@ def load_albedo_space(path: str | Path, n_tex: int = N_TEX, size: int | None = T
         if size is None or "cannot resize" not in str(exc):
             raise
         space = load_texture_space(p, n_tex=n)
-    if space.kind == "uv" and space.vt is None:
-        for name in UV_TEMPLATE_NAMES:
-            if (p.parent / name).is_file():
-                space.vt, space.ft = _read_uv_obj(p.parent / name)
-                break
+    if space.kind == "uv" and space.vt is None and layout_file is not None:
+        layout = read_uv_layout(layout_file)
+        space.vt, space.ft, space.uv_layout = layout.vt, layout.ft, layout
     while len(_SPACES) >= _SPACES_MAX:
         _SPACES.pop(next(iter(_SPACES)))
     _SPACES[key] = space
@@ -267,7 +268,7 @@ def installed_albedo_model(model, device="cpu", n_tex: int = N_TEX, home: str | 
     see priors.textures.find_texture_space) when usable, else per-vertex. Returns (model on
     `device`, warning or None) as :func:`albedo_model_for`."""
     path = find_texture_space(home)
-    space = load_albedo_space(path, n_tex=n_tex) if path is not None else None
+    space = load_albedo_space(path, n_tex=n_tex, home=home) if path is not None else None
     albedo_model, warning = albedo_model_for(model, space, require_flame=require_flame)
     return albedo_model.to(device), warning
 

@@ -111,6 +111,7 @@ def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = Non
             lmk = detect.detect_landmarks(image, detector=detector, device=device, face_index=face_index)
         except NoFaceError as exc:
             raise NoFaceError(f"{path}: {exc}") from None
+    lmk = io.validate_landmarks(lmk, landmarks_file or f"{path} (detected landmarks)")
     box = detect.square_box(lmk)
     crop = detect.crop_image(image, box, res)
     lmk_crop = detect.to_crop(lmk, box, res).astype(np.float32)

@@ -109,7 +109,8 @@ def fit_set(paths, recipe: str | Recipe = "identity-set", model=None, detector: 
             negatives=None, face_index=None, progress: Progress | None = None,
             on_error=None, init: str = "zero") -> tuple[Identity, list[FitResult]]:
     """Prepare every image (bad ones reported through on_error(path, error) and skipped), then fit
-    them as one identity."""
+    them as one identity. progress(stage, it, total, losses) hears 'prepare' once per image, then
+    every iteration of each recipe stage with the set's summed loss terms."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     flame = load_flame(model, device)
     setup = make_setup(flame, recipe, device)
@@ -120,13 +121,16 @@ def fit_set(paths, recipe: str | Recipe = "identity-set", model=None, detector: 
     if lmk_arg is not None and lmk_arg.is_file():
         raise UsageError(f"--landmarks {lmk_arg}: fit-set needs a directory of <stem>.pts/.npy/.json files")
     targets = []
-    for p in map(Path, paths):
+    paths = [Path(p) for p in paths]
+    for i, p in enumerate(paths, start=1):
         try:
             targets.append(prepare_from_args(p, recipe.resolution, lmk_arg, detector, device, face_index))
         except FlamefitError as exc:
             if on_error is None:
                 raise
             on_error(p, exc)
+        if progress is not None:  # reading and detecting can be the long part of a big set
+            progress("prepare", i, len(paths), {})
     if not targets:
         raise UsageError("fit-set: no image could be prepared; see the errors above")
     return fit_identity(targets, setup, mode, neg, batch_size, progress, seed, initializer)

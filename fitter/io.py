@@ -179,29 +179,89 @@ def write_png(path, rgb: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------------------------- landmarks
-def _check_points(pts: np.ndarray, path: Path) -> np.ndarray:
-    if pts.shape != (N_LANDMARKS, 2):
-        raise LandmarkError(f"{path}: expected 68 (x, y) points, found shape {tuple(pts.shape)}; fix: give the "
-                            "68 iBUG landmarks")
-    if not np.isfinite(pts).all():
-        raise LandmarkError(f"{path}: landmarks contain NaN or infinity; fix: give 68 finite points")
-    return pts.astype(np.float32)
+PTS_FORMAT = "iBUG .pts: 'version: 1', 'n_points: 68', '{', 68 lines 'x y', '}'"
+MIN_EXTENT_PX = 1.0  # landmarks spanning less than this (either way) give no usable crop box
+MIN_SPREAD = 0.01  # second/first singular value of the centred points below this: (almost) one line
+
+
+def validate_landmarks(pts, source, fix: str = "fix: give the 68 iBUG landmarks of one face, in the image's "
+                       "pixels") -> np.ndarray:
+    """The one check for landmarks entering a fit, from a file or a detector: exactly 68 x 2 finite
+    numbers spanning a real 2-D region (not one point, not a zero-size box, not a line). Returns
+    them as 68 x 2 float32; LandmarkError naming `source` (a file, or the image) otherwise."""
+    arr = np.asarray(pts)
+    if arr.dtype.kind not in "fiu":
+        raise LandmarkError(f"{source}: landmarks are {arr.dtype} values, expected numbers; {fix}")
+    arr = arr.astype(np.float64)
+    if arr.shape != (N_LANDMARKS, 2):
+        raise LandmarkError(f"{source}: expected 68 (x, y) points, found shape {tuple(arr.shape)}; {fix}")
+    if not np.isfinite(arr).all():
+        raise LandmarkError(f"{source}: landmarks contain NaN or infinity; {fix}")
+    extent = arr.max(0) - arr.min(0)
+    if extent.max() == 0:
+        raise LandmarkError(f"{source}: all 68 landmarks are the same point ({arr[0, 0]:g}, {arr[0, 1]:g}), "
+                            f"which gives no face box; {fix}")
+    if extent.min() < MIN_EXTENT_PX:
+        raise LandmarkError(f"{source}: the 68 landmarks span {extent[0]:.3g} x {extent[1]:.3g} px (a zero-size "
+                            f"box); {fix}")
+    spread = np.linalg.svd(arr - arr.mean(0), compute_uv=False)
+    if spread[1] < MIN_SPREAD * spread[0]:
+        raise LandmarkError(f"{source}: the 68 landmarks lie on one line (collinear), not on a face; {fix}")
+    return arr.astype(np.float32)
+
+
+def _pts_error(path: Path, where: str, problem: str) -> LandmarkError:
+    return LandmarkError(f"{path}: {where}{problem}; expected {PTS_FORMAT}")
 
 
 def _read_pts(path: Path) -> np.ndarray:
+    """Strict iBUG .pts: header lines, '{', exactly two numbers per line, '}' (n_points must agree)."""
     text = path.read_text(encoding="utf-8", errors="replace")
-    lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip()]
-    try:
-        start, end = lines.index("{"), lines.index("}")
-        pts = np.array([[float(v) for v in ln.split()[:2]] for ln in lines[start + 1:end]], dtype=np.float64)
-    except (ValueError, IndexError):
-        raise LandmarkError(f"{path}: not an iBUG .pts file (version/n_points header, then 68 'x y' lines "
-                            "between {{ and }}); fix the file") from None
-    return pts.reshape(-1, 2) if pts.size else pts.reshape(0, 2)
+    lines = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+    opens = [i for i, (_, s) in enumerate(lines) if s == "{"]
+    closes = [i for i, (_, s) in enumerate(lines) if s == "}"]
+    if not opens or not closes or closes[0] < opens[0]:
+        raise _pts_error(path, "", "not an iBUG .pts file (no '{' ... '}' block)")
+    start, end = opens[0], closes[0]
+    declared = None
+    for n, s in lines[:start]:
+        key, _, value = s.partition(":")
+        if key.strip().lower() == "n_points":
+            try:
+                declared = int(value.strip())
+            except ValueError:
+                raise _pts_error(path, f"line {n}: ", f"'{s[:40]}' is not 'n_points: 68'") from None
+    pts = []
+    for n, s in lines[start + 1:end]:
+        values = s.split()
+        if len(values) != 2:
+            raise _pts_error(path, f"line {n}: ", f"'{s[:40]}' has {len(values)} values, not 2 ('x y')")
+        try:
+            pts.append([float(values[0]), float(values[1])])
+        except ValueError:
+            raise _pts_error(path, f"line {n}: ", f"'{s[:40]}' is not two numbers 'x y'") from None
+    if declared is not None and declared != len(pts):
+        raise _pts_error(path, "", f"the header says n_points: {declared} but the block has {len(pts)} lines")
+    return np.array(pts, dtype=np.float64).reshape(-1, 2)
+
+
+def _json_points(data, path: Path) -> np.ndarray:
+    """{"landmarks": [[x, y], ...]} (or a bare list of pairs): every entry a pair of JSON numbers."""
+    pts = data["landmarks"] if isinstance(data, dict) else data
+    if not isinstance(pts, list):
+        raise LandmarkError(f'{path}: "landmarks" is a {type(pts).__name__}, expected a list of 68 [x, y] pairs; '
+                            'fix: write {"landmarks": [[x, y], ...]}')
+    for i, p in enumerate(pts):
+        if not (isinstance(p, list) and len(p) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+            raise LandmarkError(f"{path}: point {i} is {json.dumps(p)[:40]}, expected a pair of numbers [x, y]; "
+                                'fix: write {"landmarks": [[x, y], ...]} with 68 pairs')
+    return np.array(pts, dtype=np.float64).reshape(-1, 2)
 
 
 def read_landmarks(path) -> np.ndarray:
-    """68 x 2 float32 landmarks from .pts (iBUG), .npy ((68, 2) array) or .json ({"landmarks": [[x, y], ...]})."""
+    """68 x 2 float32 landmarks from .pts (iBUG), .npy ((68, 2) array) or .json ({"landmarks": [[x, y], ...]}),
+    read strictly (see validate_landmarks; a .pts line must hold exactly 'x y')."""
     path = Path(path)
     if not path.is_file():
         raise LandmarkError(f"{path}: landmark file not found; fix: check the --landmarks path")
@@ -214,8 +274,7 @@ def read_landmarks(path) -> np.ndarray:
             if pts.dtype.kind not in "fiu":
                 raise ValueError("not numeric")
         elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            pts = np.asarray(data["landmarks"] if isinstance(data, dict) else data, dtype=np.float64)
+            pts = _json_points(json.loads(path.read_text(encoding="utf-8")), path)
         else:
             raise LandmarkError(f"{path}: unknown landmark format '{suffix}'; fix: use .pts, .npy or .json")
     except LandmarkError:
@@ -223,7 +282,8 @@ def read_landmarks(path) -> np.ndarray:
     except (ValueError, KeyError, TypeError, OSError, EOFError) as exc:  # EOFError: empty/truncated .npy
         raise LandmarkError(f"{path}: cannot read landmarks ({str(exc).splitlines()[0][:60]}); fix: .npy (68, 2) "
                             'float array, .json {"landmarks": [[x, y], ...]} or iBUG .pts') from None
-    return _check_points(np.asarray(pts, dtype=np.float64), path)
+    return validate_landmarks(pts, path, fix="fix: give the 68 iBUG landmarks (.pts 'x y' lines, .npy (68, 2), "
+                              '.json {"landmarks": [[x, y], ...]})')
 
 
 def write_landmarks(path, pts: np.ndarray) -> None:

@@ -32,7 +32,16 @@ from priors.errors import RecipeError
 
 from .params import FitParams
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _recipe_dir() -> Path:
+    """The built-in recipes: `fitter/recipes/` inside an installed wheel (pyproject maps the top-level
+    `recipes/` there), else the repository's top-level `recipes/`."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "recipes"
+    return packaged if packaged.is_dir() else here.parent / "recipes"
+
+
+RECIPE_DIR = _recipe_dir()
 PERCEPTUAL_MODES = ("off", "auto", "required")
 SHAPE_MODES = ("shared", "consistency")
 

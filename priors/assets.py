@@ -704,7 +704,8 @@ ACCEPTED = (
     "a FLAME model (generic_model.pkl, flame2023*.pkl, a .zip holding one, a model .npz, or a "
     "folder with one), a texture space (FLAME_texture.npz, FLAME_albedo_from_BFM.npz), "
     "FLAME_masks.pkl, DECA's landmark_embedding.npy (or RingNet's flame_static_embedding.pkl / "
-    "flame_dynamic_embedding.npy), DECA's deca_model.tar"
+    "flame_dynamic_embedding.npy), DECA's deca_model.tar, DECA's head_template.obj (FLAME's UV layout), "
+    "DECA's uv_face_eye_mask.png / uv_face_mask.png"
 )
 
 
@@ -713,7 +714,7 @@ def install_asset(path: str | Path, home: str | Path | None = None) -> tuple[str
 
     kinds: 'model' -> models/<name>/model.npz; 'albedo' -> albedo/<file>.npz;
     'masks' -> masks/FLAME_masks.pkl; 'embedding' -> embeddings/<file>;
-    'deca' -> deca/deca_model.tar.
+    'deca' -> deca/deca_model.tar; 'uv layout' -> uv/head_template.obj; 'uv mask' -> uv/<file>.png.
     """
     src = Path(path).expanduser()
     if not src.exists():
@@ -728,11 +729,18 @@ def install_asset(path: str | Path, home: str | Path | None = None) -> tuple[str
 
 
 def classify_asset(src: Path) -> str:
-    """What a file is: 'model', 'albedo', 'masks', 'embedding' or 'deca' (AssetError if unknown)."""
+    """What a file is: 'model', 'albedo', 'masks', 'embedding', 'deca', 'uv layout' or 'uv mask'
+    (AssetError if unknown)."""
+    from priors.textures import UV_MASK_NAMES
+
     name, suffix = src.name, src.suffix.lower()
     if src.is_dir():
         find_model_file(src)
         return "model"
+    if suffix == ".obj":
+        return "uv layout"
+    if name in UV_MASK_NAMES:
+        return "uv mask"
     if name in (DECA_EMBEDDING, RINGNET_STATIC, RINGNET_DYNAMIC):
         return "embedding"
     if name == "FLAME_masks.pkl":
@@ -813,9 +821,41 @@ def _is_torch_archive(src: Path) -> bool:
         return False
 
 
+def _install_uv_layout(src: Path, root: Path) -> Path:
+    """Validate an OBJ UV layout (FLAME's head_template.obj: 5023 vertices, vt, f v/vt) against FLAME's
+    vertex count, or an installed model's (whose triangles it must then hold), and copy it to
+    uv/head_template.obj."""
+    from priors.textures import FLAME_N_VERTS, UV_LAYOUT_FILE, check_uv_layout, read_uv_layout
+
+    layout = read_uv_layout(src)
+    models = []
+    for path in installed_models(root):
+        try:
+            models.append(load_model(path, require_landmarks=False))
+        except AssetError:
+            continue
+    same = [m for m in models if m.n_verts == layout.n_verts]
+    for m in same:
+        if check_uv_layout(layout, m.n_verts, m.faces):
+            raise AssetError(f"{src}: its triangles are not those of the installed model {m.name} (which has the "
+                             f"same {m.n_verts} vertices); fix: use the UV template made for that model (DECA's "
+                             "data/head_template.obj for FLAME)")
+    if layout.n_verts != FLAME_N_VERTS and not same:
+        have = ", ".join(f"{m.name} {m.n_verts}" for m in models) or "none"
+        raise AssetError(f"{src}: {layout.n_verts} vertices, but FLAME's UV template has {FLAME_N_VERTS} "
+                         f"(installed models: {have}); fix: use DECA's data/{UV_LAYOUT_FILE} (FLAME's UV layout)")
+    return _copy_into(src, root / "uv" / UV_LAYOUT_FILE)
+
+
 def _install_file(src: Path, kind: str, root: Path) -> Path:
     if kind == "deca":
         return _copy_into(src, root / "deca" / "deca_model.tar")
+    if kind == "uv layout":
+        return _install_uv_layout(src, root)
+    if kind == "uv mask":
+        from priors.textures import read_uv_mask
+        read_uv_mask(src)
+        return _copy_into(src, root / "uv" / src.name)
     if kind == "albedo":
         from priors.textures import check_texture_space
         check_texture_space(src)

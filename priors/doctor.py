@@ -21,6 +21,7 @@ FAN_URL = "https://www.adrianbulat.com/downloads/python-fan/"
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILE
 FLAME_URL = "https://flame.is.tue.mpg.de"
+DECA_URL = "https://github.com/yfeng95/DECA"
 INSTALL = "python cli.py assets install"
 
 
@@ -33,6 +34,7 @@ class DoctorItem:
     detail: str
     fix: str
     required: bool = True
+    status: str = ""  # a word for the status column instead of ok / missing (e.g. "no match")
 
 
 def hub_checkpoints_dir() -> Path:
@@ -47,16 +49,24 @@ def hub_checkpoints_dir() -> Path:
         return Path(base) / "hub" / "checkpoints"
 
 
-def _model_items(model: str | Path | None) -> list[DoctorItem]:
-    from priors.assets import load_model, resolve_model_path, standin_dir
+def _load_model(model: str | Path | None):
+    """(path, assets) of the model doctor checks, or (None, the AssetError)."""
+    from priors.assets import load_model, resolve_model_path
 
     try:
         path = resolve_model_path(model)
-        assets = load_model(path, require_landmarks=False)
+        return path, load_model(path, require_landmarks=False)
     except FlamefitError as exc:
+        return None, exc
+
+
+def _model_items(path, assets) -> list[DoctorItem]:
+    from priors.assets import standin_dir
+
+    if isinstance(assets, FlamefitError):
         fix = (f"download FLAME from {FLAME_URL} (FLAME 2023 Open is CC-BY-4.0), then "
                f"`{INSTALL} PATH`")
-        return [DoctorItem("model", False, str(exc), fix),
+        return [DoctorItem("model", False, str(assets), fix),
                 DoctorItem("landmark embedding", False, "no model loaded", "fix the model first")]
     standin = ""
     try:
@@ -100,6 +110,53 @@ def _masks_item(home: Path | None) -> DoctorItem:
                           f"get FLAME_masks.pkl ({FLAME_URL}), then `{INSTALL} FLAME_masks.pkl`",
                           required=False)
     return DoctorItem("FLAME masks", True, str(found), "", required=False)
+
+
+def _uv_layout_item(home: Path, assets) -> DoctorItem:
+    from priors.textures import FLAME_N_VERTS, UV_LAYOUT_FILE, check_uv_layout, find_uv_layout, read_uv_layout
+
+    name = "UV layout"
+    found = find_uv_layout(home)
+    if found is None:
+        return DoctorItem(name, False, f"no {UV_LAYOUT_FILE} installed",
+                          f"get DECA's data/{UV_LAYOUT_FILE} (FLAME's UV template, {DECA_URL}), then "
+                          f"`{INSTALL} {UV_LAYOUT_FILE}` (textured meshes with FLAME_albedo_from_BFM.npz)",
+                          required=False)
+    try:
+        layout = read_uv_layout(found)
+    except FlamefitError as exc:
+        return DoctorItem(name, False, str(exc), f"`{INSTALL} {UV_LAYOUT_FILE}` again", required=False)
+    detail = f"{found}: {layout.n_verts} vertices, {len(layout.vt)} UVs, {len(layout.ft)} triangles"
+    if isinstance(assets, FlamefitError):
+        return DoctorItem(name, True, detail + " (no model loaded to compare)", "", required=False)
+    why = check_uv_layout(layout, assets.n_verts, assets.faces)
+    if why is None:
+        return DoctorItem(name, True, f"{detail}; matches the model {assets.name}", "", required=False)
+    return DoctorItem(name, False, f"{detail}; does not match the model {assets.name}: {why}",
+                      f"it is used with FLAME-topology models ({FLAME_N_VERTS} vertices) only: pick one with "
+                      "--model or $FLAMEFIT_MODEL (or install the UV template made for this model)",
+                      required=False, status="no match")
+
+
+def _uv_masks_item(home: Path) -> DoctorItem:
+    from priors.textures import UV_MASK_NAMES, find_uv_masks, read_uv_mask
+
+    name = "UV face masks"
+    found = find_uv_masks(home)
+    if not found:
+        return DoctorItem(name, False, f"none of {', '.join(UV_MASK_NAMES)} installed",
+                          f"get DECA's data/{UV_MASK_NAMES[0]} or {UV_MASK_NAMES[1]} ({DECA_URL}), then "
+                          f"`{INSTALL} {UV_MASK_NAMES[0]}` (checked and kept; the photometric mask does not use "
+                          "them yet)", required=False)
+    parts = []
+    for mask_name, path in found.items():
+        try:
+            mask = read_uv_mask(path)
+        except FlamefitError as exc:
+            return DoctorItem(name, False, str(exc), f"`{INSTALL} {mask_name}` again", required=False)
+        parts.append(f"{path} ({mask.shape[1]}x{mask.shape[0]}, {mask.mean():.0%} face)")
+    return DoctorItem(name, True, "; ".join(parts) + " (checked and kept; the photometric mask uses the "
+                      "landmark face polygon)", "", required=False)
 
 
 def _files_item(name: str, folder: Path, files: tuple[str, ...], fix: str,
@@ -175,11 +232,13 @@ def _device_item() -> DoctorItem:
 
 def doctor_items(model: str | Path | None = None) -> list[DoctorItem]:
     """Check the model (as `resolve_model_path(model)` picks it), landmark embedding, albedo,
-    masks, FAN/mediapipe/LPIPS/DECA weights and the compute device."""
+    UV layout (and whether it fits the model), UV masks, masks, FAN/mediapipe/LPIPS/DECA weights
+    and the compute device."""
     from priors.assets import flamefit_home
 
     home = flamefit_home()
-    items = _model_items(model)
-    items += [_albedo_item(home), _masks_item(home), _fan_item(), _mediapipe_item(),
-              _lpips_item(), _deca_item(home), _device_item()]
+    path, assets = _load_model(model)
+    items = _model_items(path, assets)
+    items += [_albedo_item(home), _uv_layout_item(home, assets), _uv_masks_item(home), _masks_item(home),
+              _fan_item(), _mediapipe_item(), _lpips_item(), _deca_item(home), _device_item()]
     return items

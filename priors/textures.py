@@ -18,8 +18,9 @@ import numpy as np
 from priors.errors import AssetError
 from priors.safe_pickle import load_pickle, to_array
 
-__all__ = ["TextureSpace", "check_texture_space", "find_masks", "find_texture_space", "load_masks",
-           "load_texture_space"]
+__all__ = ["UV_LAYOUT_FILE", "UV_MASK_NAMES", "TextureSpace", "UVLayout", "align_uv_layout", "check_texture_space",
+           "check_uv_layout", "find_masks", "find_texture_space", "find_uv_layout", "find_uv_masks", "load_masks",
+           "load_texture_space", "read_uv_layout", "read_uv_mask"]
 
 _FIX_TEX = ("fix: use FLAME_texture.npz from https://flame.is.tue.mpg.de or "
             "FLAME_albedo_from_BFM.npz, unmodified")
@@ -47,6 +48,8 @@ class TextureSpace:
     vt: np.ndarray | None
     ft: np.ndarray | None
     image_size: tuple[int, int] | None
+    uv_layout: UVLayout | None = None  # where vt/ft came from when the file has none (an OBJ, e.g. FLAME's
+    # head_template.obj); its triangle order may differ from the model's (see align_uv_layout)
 
     @property
     def n_tex(self) -> int:
@@ -258,3 +261,140 @@ def find_masks(home: str | Path | None = None) -> Path | None:
     """The installed `<home>/masks/FLAME_masks.pkl`, or None."""
     p = _home(home) / "masks" / "FLAME_masks.pkl"
     return p if p.is_file() else None
+
+
+# ------------------------------------------------------------------------------ UV layout and UV masks
+# FLAME's UV layout as DECA ships it: data/head_template.obj (FLAME's 5023 template vertices, their `vt`
+# texture coordinates and `f v/vt` triangles). FLAME_texture.npz carries its own vt/ft; a space without
+# them (FLAME_albedo_from_BFM.npz) takes them from this file. DECA's UV masks (uv_face_eye_mask.png,
+# uv_face_mask.png) mark the face region in the same UV image.
+
+FLAME_N_VERTS = 5023  # FLAME's topology (2019-2023 models), the one head_template.obj is made for
+UV_LAYOUT_FILE = "head_template.obj"
+UV_MASK_NAMES = ("uv_face_eye_mask.png", "uv_face_mask.png")
+_FIX_UV = "fix: use DECA's data/head_template.obj (FLAME's UV template, https://github.com/yfeng95/DECA), unmodified"
+_FIX_UV_MASK = "fix: use DECA's data/uv_face_eye_mask.png or uv_face_mask.png, unmodified"
+
+
+@dataclass
+class UVLayout:
+    """A mesh's UV layout read from an OBJ.
+
+    vt (T, 2) float32 texture coordinates (v up); ft (F, 3) int64 indices into vt per triangle;
+    faces (F, 3) int64 vertex indices of the same triangles (0-based); n_verts: the OBJ's `v` count.
+    """
+
+    source: str
+    n_verts: int
+    vt: np.ndarray
+    ft: np.ndarray
+    faces: np.ndarray
+
+
+def read_uv_layout(path: str | Path) -> UVLayout:
+    """Read an OBJ's vertices count, `vt` lines and `f v/vt v/vt v/vt` triangles, strictly: AssetError
+    naming the file (and line) for anything else (no UVs, polygons, indices out of range)."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise AssetError(f"{p}: cannot read ({exc.strerror or exc}); {_FIX_UV}") from None
+    n_verts, vt, faces, ft = 0, [], [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            if parts[0] == "v":
+                if len(parts) < 4 or not all(math.isfinite(float(x)) for x in parts[1:4]):
+                    raise ValueError
+                n_verts += 1
+            elif parts[0] == "vt":
+                vt.append([float(parts[1]), float(parts[2])])
+            elif parts[0] == "f":
+                corners = [c.split("/") for c in parts[1:]]
+                if len(corners) != 3 or any(len(c) < 2 or not c[1] for c in corners):
+                    raise AssetError(f"{p}: line {n}: '{line.strip()[:50]}' is not a triangle with texture "
+                                     f"indices (f v/vt v/vt v/vt); {_FIX_UV}")
+                faces.append([int(c[0]) - 1 for c in corners])
+                ft.append([int(c[1]) - 1 for c in corners])
+        except (ValueError, IndexError):
+            raise AssetError(f"{p}: line {n}: '{line.strip()[:50]}' is not a valid OBJ '{parts[0]}' line; "
+                             f"{_FIX_UV}") from None
+    vt_a = np.array(vt, np.float32).reshape(-1, 2)
+    faces_a, ft_a = np.array(faces, np.int64).reshape(-1, 3), np.array(ft, np.int64).reshape(-1, 3)
+    if not len(ft_a) or not len(vt_a):
+        raise AssetError(f"{p}: no UV layout (needs 'vt' lines and 'f v/vt' triangles); {_FIX_UV}")
+    if not np.isfinite(vt_a).all():
+        raise AssetError(f"{p}: texture coordinates hold NaN or infinity; {_FIX_UV}")
+    if ft_a.min() < 0 or ft_a.max() >= len(vt_a):
+        raise AssetError(f"{p}: a face's texture index lies outside the {len(vt_a)} 'vt' lines; {_FIX_UV}")
+    if faces_a.min() < 0 or faces_a.max() >= n_verts:
+        raise AssetError(f"{p}: a face's vertex index lies outside the {n_verts} 'v' lines; {_FIX_UV}")
+    return UVLayout(str(p), n_verts, vt_a, ft_a, faces_a)
+
+
+def align_uv_layout(layout: UVLayout, faces: np.ndarray) -> np.ndarray:
+    """ft for a model's own triangles: (F, 3) int64 with row i giving the vt index of each corner of
+    faces[i] (faces F x 3 vertex indices), matched by vertex set whatever the OBJ's triangle order or
+    corner rotation. AssetError when the model has a triangle the layout lacks."""
+    faces = np.asarray(faces, dtype=np.int64)
+    if np.array_equal(faces, layout.faces):
+        return layout.ft
+    if len(faces) != len(layout.faces):
+        raise AssetError(f"{layout.source}: {len(layout.faces)} triangles, the model has {len(faces)}; the UV "
+                         f"layout is for another mesh; {_FIX_UV}")
+    corner_uv = {}
+    for tri, tex in zip(layout.faces.tolist(), layout.ft.tolist(), strict=True):
+        key = frozenset(tri)
+        corner_uv[key] = dict(zip(tri, tex, strict=True))
+    out = np.empty_like(faces)
+    for i, tri in enumerate(faces.tolist()):
+        uv = corner_uv.get(frozenset(tri))
+        if uv is None:
+            raise AssetError(f"{layout.source}: the model's triangle {i} (vertices {tri}) is not in the UV layout; "
+                             f"it is for another mesh; {_FIX_UV}")
+        out[i] = [uv[v] for v in tri]
+    return out
+
+
+def check_uv_layout(layout: UVLayout, n_verts: int, faces: np.ndarray | None = None) -> str | None:
+    """Why `layout` does not fit a model with n_verts vertices (and faces F x 3, when given), or None."""
+    if layout.n_verts != n_verts:
+        return f"the UV layout has {layout.n_verts} vertices and the model {n_verts}"
+    if faces is not None:
+        try:
+            align_uv_layout(layout, faces)
+        except AssetError:
+            return "the UV layout's triangles are not the model's"
+    return None
+
+
+def read_uv_mask(path: str | Path) -> np.ndarray:
+    """A UV mask PNG (DECA's uv_face_eye_mask.png / uv_face_mask.png) as (H, W) float32 in [0, 1];
+    AssetError unless it is a readable image of at least 8 x 8 with both masked and unmasked texels."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    try:
+        with Image.open(p) as img:
+            arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise AssetError(f"{p}: not a readable image ({type(exc).__name__}); {_FIX_UV_MASK}") from None
+    if min(arr.shape) < 8:
+        raise AssetError(f"{p}: only {arr.shape[1]}x{arr.shape[0]} pixels; {_FIX_UV_MASK}")
+    if arr.max() < 0.5 or arr.min() >= 0.5:
+        raise AssetError(f"{p}: every pixel is {'black' if arr.max() < 0.5 else 'white'}, not a mask; {_FIX_UV_MASK}")
+    return arr
+
+
+def find_uv_layout(home: str | Path | None = None) -> Path | None:
+    """The installed `<home>/uv/head_template.obj`, or None."""
+    p = _home(home) / "uv" / UV_LAYOUT_FILE
+    return p if p.is_file() else None
+
+
+def find_uv_masks(home: str | Path | None = None) -> dict[str, Path]:
+    """The installed UV masks, {file name: path} (`<home>/uv/uv_face_eye_mask.png`, `uv_face_mask.png`)."""
+    folder = _home(home) / "uv"
+    return {name: folder / name for name in UV_MASK_NAMES if (folder / name).is_file()}

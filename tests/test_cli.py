@@ -153,3 +153,27 @@ def test_threads_option_sets_torch_threads():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_animate_parses_several_values_after_one_flag():
+    """--expressions a b c (the contract's form), a folder, and the repeated flag all give the list."""
+    def parsed(*args):
+        return cli.animate.make_context("animate", list(args)).params
+
+    p = parsed("T", "--expressions", "a.npz", "b.npz", "c.npz", "--out", "D", "--jaw-sweep")
+    assert p["target"] == "T" and p["expressions"] == ("a.npz", "b.npz", "c.npz") and p["out"] == "D"
+    assert parsed("T", "--expressions", "a.npz", "--expressions", "b.npz", "--out", "D")["expressions"] == (
+        "a.npz", "b.npz")
+    assert parsed("T", "--out", "D", "--expressions", "folder/")["expressions"] == ("folder/",)
+    assert parsed("T", "--out", "D", "--yaw-sweep")["expressions"] == ()
+
+
+def test_animate_three_files_after_one_flag(fitted, tmp_path):
+    out, _ = fitted
+    a, b = out / "face0" / "fit.npz", out / "face1" / "fit.npz"
+    r = run("animate", b, "--expressions", a, b, a, "--out", tmp_path / "anim", "--quiet")
+    assert r.exit_code == 0, r.output
+    frames = sorted((tmp_path / "anim" / "frames").glob("*.png"))
+    assert len(frames) == 3
+    first, second, third = (io.read_image(f) for f in frames)
+    assert np.array_equal(first, third) and not np.array_equal(first, second)  # a, b, a in order
