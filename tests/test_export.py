@@ -1,0 +1,441 @@
+"""`cli.py export`: GLB structure read back with real glTF readers (pygltflib, trimesh), the
+skinning round trip through our own small glTF skinning evaluator, OBJ/PLY sequences, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pygltflib
+import pytest
+import torch
+import trimesh
+from click.testing import CliRunner
+
+import cli
+from fitter import albedo as alb
+from fitter import export as ex
+from fitter import io
+from fitter.params import FitParams, save_fit
+from priors.errors import UsageError
+from priors.flame import FlameModel, batch_rodrigues
+from tests.synthetic import synthetic_assets
+
+FPS = 25.0
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def synthetic_model():
+    return FlameModel(synthetic_assets())
+
+
+@pytest.fixture(params=["standin", "synthetic"])
+def any_model(request, synthetic_model):
+    if request.param == "standin":
+        return request.getfixturevalue("standin_model")
+    return synthetic_model
+
+
+def synthetic_track(model: FlameModel, n_frames: int = 4, seed: int = 0) -> dict:
+    """A track.npz per the contract's schema: one identity, per-frame expression and poses (a head
+    turning up to ~25 degrees, nodding, jaw opening, eyes moving), fps, frames, model, recipe."""
+    rng = np.random.default_rng(seed)
+    T = n_frames
+    s = np.linspace(0, 1, T)
+    f32 = lambda a: np.asarray(a, np.float32)
+    return {
+        "shape": f32(rng.normal(0, 1.0, model.n_shape)),
+        "albedo": f32(rng.uniform(0.2, 0.9, (model.n_verts, 3))),
+        "exp": f32(rng.normal(0, 1.2, (T, model.n_exp))),
+        "global_pose": f32(np.stack([0.15 * np.sin(3 * s), np.deg2rad(25) * np.sin(2 * np.pi * s), 0.05 * s], 1)),
+        "neck_pose": f32(np.stack([0.2 * np.sin(2 * np.pi * s), 0.1 * s, -0.05 * s], 1)),
+        "jaw_pose": f32(np.stack([0.25 * s, 0.02 * s, 0 * s], 1)),
+        "eye_pose": f32(rng.normal(0, 0.15, (T, 6))),
+        "R": f32(np.tile(np.eye(3), (T, 1, 1))), "t": f32(np.tile([0, 0, 1.0], (T, 1))),
+        "landmarks2d": f32(np.zeros((T, 68, 2))), "landmarks2d_target": f32(np.zeros((T, 68, 2))),
+        "frame_ok": np.ones(T, bool), "K": f32(np.eye(3)), "fps": np.float32(FPS),
+        "frames": np.array([f"{i:04d}.png" for i in range(T)]), "model": np.array(model.tag),
+        "recipe": np.array("track"),
+    }
+
+
+def write_track(path, model, **kw):
+    np.savez(path, **synthetic_track(model, **kw))
+    return path
+
+
+def flame_vertices(model: FlameModel, track: dict, frames, correctives: bool) -> np.ndarray:
+    """The FlameModel's own posed vertices (its forward), with or without pose correctives: T x V x 3."""
+    m = model
+    if not correctives:
+        m = FlameModel.__new__(FlameModel)
+        m.__dict__.update(model.__dict__)
+        m._buffers = dict(model._buffers)
+        m._buffers["posedirs"] = torch.zeros_like(model.posedirs)
+    t = lambda k: torch.as_tensor(track[k][frames])
+    with torch.no_grad():
+        out = m(torch.as_tensor(track["shape"])[None].expand(len(frames), -1), t("exp"), t("global_pose"),
+                t("neck_pose"), t("jaw_pose"), t("eye_pose"))
+    return out.vertices.double().numpy()
+
+
+# ----------------------------------------------------------------------------- a glTF reader + skinning
+_COMPONENTS = {5126: np.float32, 5125: np.uint32, 5123: np.uint16, 5121: np.uint8}
+_WIDTH = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4, "MAT4": 16}
+
+
+class Gltf:
+    """A GLB read back with pygltflib; accessors decoded from the binary chunk per the spec."""
+
+    def __init__(self, path):
+        self.g = pygltflib.GLTF2().load(str(path))
+        self.blob = self.g.binary_blob()
+
+    def data(self, index: int) -> np.ndarray:
+        acc = self.g.accessors[index]
+        view = self.g.bufferViews[acc.bufferView]
+        dtype = np.dtype(_COMPONENTS[acc.componentType])
+        n = _WIDTH[acc.type]
+        assert view.byteStride in (None, 0, n * dtype.itemsize)
+        start = (view.byteOffset or 0) + (acc.byteOffset or 0)
+        arr = np.frombuffer(self.blob, dtype=dtype, count=acc.count * n, offset=start)
+        return arr.reshape(acc.count, n) if n > 1 else arr.copy()
+
+    def local_matrix(self, node_index: int, frame: int) -> np.ndarray:
+        """The node's local T * R * S at keyframe `frame` (animated paths override the node's TRS)."""
+        node = self.g.nodes[node_index]
+        t = np.array(node.translation or [0, 0, 0], float)
+        q = np.array(node.rotation or [0, 0, 0, 1], float)
+        s = np.array(node.scale or [1, 1, 1], float)
+        for anim in self.g.animations:
+            for ch in anim.channels:
+                if ch.target.node != node_index:
+                    continue
+                out = self.data(anim.samplers[ch.sampler].output)
+                if ch.target.path == "translation":
+                    t = out[frame].astype(float)
+                elif ch.target.path == "rotation":
+                    q = out[frame].astype(float)
+        x, y, z, w = q / np.linalg.norm(q)
+        R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+        M = np.eye(4)
+        M[:3, :3] = R * s
+        M[:3, 3] = t
+        return M
+
+    def world_matrix(self, node_index: int, frame: int) -> np.ndarray:
+        parent = {c: i for i, n in enumerate(self.g.nodes) for c in (n.children or [])}
+        M = self.local_matrix(node_index, frame)
+        while node_index in parent:
+            node_index = parent[node_index]
+            M = self.local_matrix(node_index, frame) @ M
+        return M
+
+    def morph_weights(self, mesh_node: int, frame: int) -> np.ndarray:
+        n = len(self.g.meshes[self.g.nodes[mesh_node].mesh].primitives[0].targets)
+        for anim in self.g.animations:
+            for ch in anim.channels:
+                if ch.target.node == mesh_node and ch.target.path == "weights":
+                    return self.data(anim.samplers[ch.sampler].output).reshape(-1, n)[frame].astype(float)
+        return np.array(self.g.meshes[self.g.nodes[mesh_node].mesh].weights, float)
+
+    def skinned_positions(self, frame: int) -> np.ndarray:
+        """Morph targets, then linear blend skinning: jointMatrix = world(joint) @ inverseBind (glTF 2.0 3.7.3)."""
+        node_index = next(i for i, n in enumerate(self.g.nodes) if n.mesh is not None)
+        node = self.g.nodes[node_index]
+        prim = self.g.meshes[node.mesh].primitives[0]
+        pos = self.data(prim.attributes.POSITION).astype(float)
+        for w, target in zip(self.morph_weights(node_index, frame), prim.targets, strict=True):
+            pos = pos + w * self.data(target["POSITION"]).astype(float)
+        skin = self.g.skins[node.skin]
+        ibm = self.data(skin.inverseBindMatrices).reshape(-1, 4, 4).transpose(0, 2, 1)  # column-major
+        mats = np.stack([self.world_matrix(j, frame) @ ibm[k] for k, j in enumerate(skin.joints)])
+        joints = self.data(prim.attributes.JOINTS_0).astype(int)
+        weights = self.data(prim.attributes.WEIGHTS_0).astype(float)
+        M = np.einsum("vk,vkab->vab", weights, mats[joints])
+        return np.einsum("vab,vb->va", M[:, :3, :3], pos) + M[:, :3, 3]
+
+    def faces(self) -> np.ndarray:
+        prim = self.g.meshes[0].primitives[0]
+        return self.data(prim.indices).reshape(-1, 3).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- maths
+def test_quaternions_match_rodrigues():
+    q = ex.axis_angle_to_quat(np.array([[0, 0, np.pi / 2], [0, 0, 0]]))
+    np.testing.assert_allclose(q, [[0, 0, np.sqrt(0.5), np.sqrt(0.5)], [0, 0, 0, 1]], atol=1e-12)
+    aa = np.random.default_rng(1).normal(0, 1.0, (20, 3))
+    expect = batch_rodrigues(torch.as_tensor(aa), eps=0.0).numpy()
+    np.testing.assert_allclose(ex.quat_to_matrix(ex.axis_angle_to_quat(aa)), expect, atol=1e-10)
+    flipped = ex.continuous_quats(np.array([[0, 0, 0, 1.0], [0, 0, 0.1, -0.99]]))
+    assert flipped[1, 3] > 0 and flipped[1, 2] == -0.1
+
+
+def test_top_four_weights_are_renormalised():
+    w = np.array([[0.04, 0.4, 0.3, 0.2, 0.06], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    joints, top, dropped = ex.top_weights(w)
+    assert joints[0].tolist() == [1, 2, 3, 4] and joints[1, 0] == 2
+    np.testing.assert_allclose(top[0], np.array([0.4, 0.3, 0.2, 0.06]) / 0.96, rtol=1e-6)
+    np.testing.assert_allclose(top[1], [1, 0, 0, 0])
+    np.testing.assert_allclose(dropped, [0.04, 0.0], atol=1e-12)
+    j2, t2, _ = ex.top_weights(np.array([[0.25, 0.75]]))  # fewer joints than influences: padded
+    assert j2.tolist() == [[1, 0, 0, 0]] and t2.tolist() == [[0.75, 0.25, 0, 0]]
+
+
+def test_models_lose_nothing_to_four_influences(any_model):
+    w = any_model.weights.numpy()
+    assert (np.count_nonzero(w, axis=1) <= 3).all()
+    assert ex.top_weights(w)[2].max() == 0.0
+
+
+def test_uv_seams_split_vertices():
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    ft = np.array([[0, 1, 2], [4, 2, 3]])  # vertex 0 has UV 0 in one triangle, UV 4 in the other
+    vt = np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0.5]])
+    src, uv, new = ex.split_uv_seams(faces, ft, vt)
+    assert len(src) == 5 and sorted(src.tolist()) == [0, 0, 1, 2, 3]
+    np.testing.assert_array_equal(src[new], faces)
+    np.testing.assert_array_equal(uv[new], vt[ft])
+
+
+def test_srgb_to_linear_known_values():
+    np.testing.assert_allclose(ex.srgb_to_linear(np.array([0.0, 0.04045, 0.5, 1.0])),
+                               [0.0, 0.04045 / 12.92, 0.21404, 1.0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GLB
+def test_glb_skin_and_morphs_reproduce_flame(any_model, tmp_path):
+    m = any_model
+    src = write_track(tmp_path / "track.npz", m, n_frames=5)
+    report = ex.export_file(src, "glb", tmp_path / "head.glb", model=m)
+    track = dict(np.load(src))
+    frames = [0, 2, 4]
+    gl = Gltf(tmp_path / "head.glb")
+    no_corr = flame_vertices(m, track, frames, correctives=False)
+    with_corr = flame_vertices(m, track, frames, correctives=True)
+    assert np.linalg.norm(no_corr - with_corr[:, :1].mean(), axis=-1).max() > 0.05  # the head really moves
+    for k, f in enumerate(frames):
+        err_mm = np.linalg.norm(gl.skinned_positions(f) - no_corr[k], axis=1) * 1000
+        assert err_mm.max() < 0.1, (f, err_mm.max())
+    gap = np.linalg.norm(with_corr - no_corr, axis=-1) * 1000
+    assert report.corrective_max_mm >= gap.max() - 1e-3  # report covers every exported frame
+    if not m.posedirs.abs().max() > 0:  # the stand-in ships no correctives: nothing is lost
+        assert report.corrective_max_mm == 0.0
+    else:
+        assert report.corrective_max_mm > 0.0
+
+
+def test_split_morphs_have_non_negative_weights_and_the_same_result(synthetic_model, tmp_path):
+    m = synthetic_model
+    src = write_track(tmp_path / "track.npz", m, n_frames=3)
+    ex.export_file(src, "glb", tmp_path / "signed.glb", model=m)
+    ex.export_file(src, "glb", tmp_path / "split.glb", model=m, morph="split")
+    signed, split = Gltf(tmp_path / "signed.glb"), Gltf(tmp_path / "split.glb")
+    names = split.g.meshes[0].extras["targetNames"]
+    assert len(names) == 2 * m.n_exp and names[:2] == ["exp_000+", "exp_000-"]
+    for f in range(3):
+        assert split.morph_weights(1, f).min() >= 0
+        np.testing.assert_allclose(split.skinned_positions(f), signed.skinned_positions(f), atol=1e-6)
+
+
+def test_glb_structure_with_real_readers(standin_model, tmp_path):
+    m = standin_model
+    src = write_track(tmp_path / "track.npz", m, n_frames=6)
+    ex.export_file(src, "glb", tmp_path / "head.glb", model=m)
+    track = dict(np.load(src))
+    gl = Gltf(tmp_path / "head.glb")
+    g = gl.g
+    assert g.asset.version == "2.0"
+    prim = g.meshes[0].primitives[0]
+    assert g.accessors[prim.attributes.POSITION].count == m.n_verts
+    assert len(prim.targets) == m.n_exp == len(g.meshes[0].extras["targetNames"])
+    assert g.meshes[0].extras["targetNames"][0] == "exp_000"
+    np.testing.assert_array_equal(gl.faces(), m.faces.numpy())
+    # skin: FLAME's joints, hierarchy from parents, inverse bind = translation by minus the shaped rest joint
+    skin = g.skins[0]
+    names = [g.nodes[j].name for j in skin.joints]
+    assert names == ["root", "neck", "jaw", "left_eye", "right_eye"]
+    parent = {c: i for i, n in enumerate(g.nodes) for c in (n.children or [])}
+    assert [skin.joints.index(parent[j]) if parent[j] in skin.joints else -1 for j in skin.joints] == \
+        m.parents.tolist()
+    v_shaped = m.v_template.double().numpy() + np.einsum("k,vck->vc", track["shape"].astype(float),
+                                                          m.dirs[:, :, :m.n_shape].double().numpy())
+    rest_joints = m.J_regressor.double().numpy() @ v_shaped
+    ibm = gl.data(skin.inverseBindMatrices).reshape(-1, 4, 4).transpose(0, 2, 1)
+    np.testing.assert_allclose(ibm[:, :3, 3], -rest_joints, atol=1e-6)
+    np.testing.assert_allclose(ibm[:, :3, :3], np.tile(np.eye(3), (5, 1, 1)))
+    np.testing.assert_allclose(gl.data(prim.attributes.POSITION), v_shaped, atol=1e-6)
+    np.testing.assert_allclose(gl.data(prim.targets[3]["POSITION"]), m.dirs[:, :, m.n_shape + 3].numpy(), atol=1e-7)
+    np.testing.assert_allclose(gl.data(prim.attributes.WEIGHTS_0).sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(gl.data(prim.attributes.COLOR_0), ex.srgb_to_linear(track["albedo"]), atol=1e-6)
+    # animation: one keyframe per frame at the fps; weights = expression coefficients; rotations = poses
+    anim = g.animations[0]
+    assert len(anim.channels) == 2 * 5 + 1
+    times = gl.data(anim.samplers[0].input)
+    np.testing.assert_allclose(times, np.arange(6) / FPS, atol=1e-6)
+    weights = next(gl.data(anim.samplers[c.sampler].output) for c in anim.channels if c.target.path == "weights")
+    np.testing.assert_allclose(weights.reshape(6, -1), track["exp"], atol=1e-6)
+    jaw_rot = next(gl.data(anim.samplers[c.sampler].output) for c in anim.channels
+                   if c.target.path == "rotation" and g.nodes[c.target.node].name == "jaw")
+    angle = 2 * np.arccos(np.clip(np.abs(jaw_rot[:, 3]), 0, 1))
+    np.testing.assert_allclose(angle, np.linalg.norm(track["jaw_pose"], axis=1), atol=1e-5)
+    # trimesh, an independent loader, opens it: the rest mesh, same vertices and triangles
+    scene = trimesh.load(tmp_path / "head.glb", force="scene", process=False)
+    mesh = next(iter(scene.geometry.values()))
+    assert mesh.vertices.shape == (m.n_verts, 3) and mesh.faces.shape == tuple(m.faces.shape)
+    np.testing.assert_allclose(mesh.vertices, v_shaped, atol=1e-5)
+    np.testing.assert_array_equal(mesh.faces, m.faces.numpy())
+
+
+def write_fit(path, model, albedo=None, seed=3) -> dict:
+    track = synthetic_track(model, n_frames=1, seed=seed)
+    params = FitParams(**{n: torch.as_tensor(track[n][0] if n not in ("shape", "albedo") else track[n])[None]
+                          for n in ("shape", "exp", "global_pose", "neck_pose", "jaw_pose", "eye_pose", "albedo")},
+                       cam=torch.tensor([[1.0, 0, 0]]), light=torch.zeros(1, 9, 3))
+    if albedo is not None:
+        params.albedo = torch.as_tensor(albedo, dtype=torch.float32)[None]
+    verts = flame_vertices(model, track, [0], correctives=True)[0]
+    save_fit(path, params, {"vertices": verts.astype(np.float32), "model": model.tag, "recipe": "test"})
+    return {**track, "vertices": verts}
+
+
+def test_fit_exports_one_keyframe_and_single_meshes(synthetic_model, tmp_path):
+    m = synthetic_model
+    fit = write_fit(tmp_path / "fit.npz", m)
+    r = ex.export_file(tmp_path / "fit.npz", "glb", tmp_path / "fit.glb", model=m)
+    assert r.frames == 1
+    gl = Gltf(tmp_path / "fit.glb")
+    assert gl.g.accessors[gl.g.animations[0].samplers[0].input].count == 1
+    no_corr = flame_vertices(m, fit, [0], correctives=False)[0]
+    assert np.linalg.norm(gl.skinned_positions(0) - no_corr, axis=1).max() < 1e-4
+    # OBJ / PLY of a single fit: one file each, the full FLAME evaluation (correctives included)
+    ex.export_file(tmp_path / "fit.npz", "obj", tmp_path / "fit.obj", model=m)
+    verts, faces = io.read_obj(tmp_path / "fit.obj")
+    np.testing.assert_allclose(verts, fit["vertices"], atol=2e-6)
+    np.testing.assert_array_equal(faces, m.faces.numpy())
+    ex.export_file(tmp_path / "fit.npz", "ply", tmp_path / "fit.ply", model=m)
+    ply = trimesh.load(tmp_path / "fit.ply", process=False)
+    np.testing.assert_allclose(ply.vertices, fit["vertices"], atol=1e-6)
+    np.testing.assert_array_equal(ply.faces, m.faces.numpy())
+    np.testing.assert_array_equal(ply.visual.vertex_colors[:, :3], (fit["albedo"] * 255).round().astype(np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.glb", "fit.npz", "fit.obj", "fit.ply"]
+
+
+def test_track_exports_mesh_sequences(synthetic_model, tmp_path):
+    m = synthetic_model
+    src = write_track(tmp_path / "track.npz", m, n_frames=3)
+    track = dict(np.load(src))
+    full = flame_vertices(m, track, [0, 1, 2], correctives=True)
+    for fmt in ("obj", "ply"):
+        ex.export_file(src, fmt, tmp_path / fmt, model=m)
+        names = sorted(p.name for p in (tmp_path / fmt).iterdir())
+        assert names == [f"frame_{i:04d}.{fmt}" for i in range(3)]
+        for i, name in enumerate(names):
+            verts = io.read_obj(tmp_path / fmt / name)[0] if fmt == "obj" else \
+                trimesh.load(tmp_path / fmt / name, process=False).vertices
+            np.testing.assert_allclose(verts, full[i], atol=2e-6)
+
+
+def write_texture(path, model, vt, ft):
+    """FLAME_texture.npz (0-255 BGR as FLAME ships it) for `model`: 8 x 8, 2 components."""
+    rng = np.random.default_rng(5)
+    mean = rng.uniform(0.2, 0.8, (8, 8, 3))
+    basis = rng.normal(0, 0.05, (8, 8, 3, 2))
+    np.savez(path, mean=mean[:, :, ::-1] * 255.0, tex_dir=basis[:, :, ::-1, :] * 255.0, vt=vt, ft=ft)
+    return path
+
+
+def test_textured_fit_exports_uvs_and_texture(synthetic_model, tmp_path):
+    m = synthetic_model
+    F = m.faces.shape[0]
+    rng = np.random.default_rng(2)
+    vt, ft = rng.uniform(0, 1, (3 * F, 2)), np.arange(3 * F).reshape(F, 3)  # a UV per triangle corner: all seams
+    space = alb.load_albedo_space(write_texture(tmp_path / "FLAME_texture.npz", m, vt, ft))
+    tex, warning = alb.albedo_model_for(m, space, require_flame=False)
+    assert warning is None
+    fit = write_fit(tmp_path / "fit.npz", m, albedo=[0.5, -1.0])
+    clip = ex.load_clip(tmp_path / "fit.npz")
+    ex.export_clip(clip, m, "glb", tmp_path / "tex.glb", texture=tex)
+    gl = Gltf(tmp_path / "tex.glb")
+    prim = gl.g.meshes[0].primitives[0]
+    faces = gl.faces()
+    uv = gl.data(prim.attributes.TEXCOORD_0)
+    np.testing.assert_allclose(uv[faces], np.stack([vt[ft][..., 0], 1 - vt[ft][..., 1]], -1), atol=1e-6)
+    assert prim.attributes.COLOR_0 is None
+    # every split vertex still skins like its model vertex
+    posed = gl.skinned_positions(0)
+    no_corr = flame_vertices(m, fit, [0], correctives=False)[0]
+    np.testing.assert_allclose(posed[faces], no_corr[m.faces.numpy()], atol=1e-4)
+    # the embedded PNG is the fit's texture
+    import cv2
+
+    image = gl.g.images[0]
+    view = gl.g.bufferViews[image.bufferView]
+    png = cv2.imdecode(np.frombuffer(gl.blob[view.byteOffset:view.byteOffset + view.byteLength], np.uint8), 1)
+    np.testing.assert_array_equal(png[:, :, ::-1], tex.texture_image(torch.tensor([[0.5, -1.0]])))
+    assert gl.g.materials[0].pbrMetallicRoughness.baseColorTexture.index == 0
+    scene = trimesh.load(tmp_path / "tex.glb", force="scene", process=False)
+    assert next(iter(scene.geometry.values())).visual.uv.shape == (len(uv), 2)
+
+
+# ----------------------------------------------------------------------------- bad input and the CLI
+def test_bad_inputs_are_one_line_usage_errors(standin_model, synthetic_model, tmp_path):
+    np.savez(tmp_path / "other.npz", foo=np.zeros(3))
+    with pytest.raises(UsageError, match=r"other.npz: neither a fit.npz nor a track.npz .*fix: pass a fit.npz"):
+        ex.load_clip(tmp_path / "other.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(UsageError, match=r"text.npz: not a readable .npz"):
+        ex.load_clip(tmp_path / "text.npz")
+    bad = synthetic_track(synthetic_model)
+    bad["jaw_pose"] = bad["jaw_pose"][:2]
+    np.savez(tmp_path / "short.npz", **bad)
+    with pytest.raises(UsageError, match=r"short.npz: key 'jaw_pose' has shape \(2, 3\), expected \(4, 3\)"):
+        ex.load_clip(tmp_path / "short.npz")
+    src = write_track(tmp_path / "track.npz", synthetic_model)
+    out = tmp_path / "head.glb"
+    out.write_bytes(b"old")
+    with pytest.raises(UsageError, match=r"track.npz: made for a model with 1094 vertices, the model in use has "
+                                         r"12788; fix: pass the model it was made with \(--model PATH\)"):
+        ex.export_file(src, "glb", out, model=standin_model)
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.glb", "other.npz", "short.npz", "text.npz",
+                                                          "track.npz"]
+
+
+def test_a_failed_sequence_leaves_no_folder(synthetic_model, tmp_path, monkeypatch):
+    src = write_track(tmp_path / "track.npz", synthetic_model, n_frames=3)
+    real, calls = ex.write_ply, []
+
+    def failing(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(ex, "write_ply", failing)
+    with pytest.raises(OSError):
+        ex.export_file(src, "ply", tmp_path / "seq", model=synthetic_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["track.npz"]
+
+
+def test_cli_export(synthetic_model_dir, tmp_path):
+    from fitter.fit import load_flame
+
+    m = load_flame(synthetic_model_dir)
+    src = write_track(tmp_path / "track.npz", m, n_frames=2)
+    r = CliRunner().invoke(cli.main, ["export", str(src), "--format", "glb", "--out", str(tmp_path / "a.glb"),
+                                      "--model", str(synthetic_model_dir)])
+    assert r.exit_code == 0, r.output
+    assert "2 frame(s) at 25 fps" in r.output and "pose correctives left out: max" in r.output
+    header = (tmp_path / "a.glb").read_bytes()[:20]
+    assert header[:4] == b"glTF" and json.loads((tmp_path / "a.glb").read_bytes()[20:20 + int.from_bytes(
+        header[12:16], "little")])["asset"]["version"] == "2.0"
+    np.savez(tmp_path / "junk.npz", foo=np.zeros(2))
+    r = CliRunner().invoke(cli.main, ["export", str(tmp_path / "junk.npz"), "--out", str(tmp_path / "b.glb"),
+                                      "--model", str(synthetic_model_dir)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b.glb").exists()
