@@ -233,7 +233,7 @@ def top_weights(weights: np.ndarray, k: int = MAX_INFLUENCES) -> tuple[np.ndarra
     dropped = np.clip(total - top.sum(axis=1), 0.0, None)
     norm = top.sum(axis=1, keepdims=True)
     top = np.where(norm > 0, top / np.where(norm > 0, norm, 1.0), 0.0)
-    order = np.where(order < J, order, 0)
+    order = np.where((order < J) & (top > 0), order, 0)  # unused slots point at joint 0 (glTF validators ask)
     return order.astype(np.int64), top.astype(np.float32), dropped
 
 
@@ -414,11 +414,11 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
     g.doc["meshes"] = [{"name": "head", "primitives": [primitive], "weights": [0.0] * len(targets),
                         "extras": {"targetNames": names}}]
 
-    # nodes: 0 the armature (scene root), 1 the skinned mesh, 2.. the joints
+    # nodes: 0 the armature, 1 the skinned mesh (both scene roots: a skinned mesh ignores its parents), 2.. joints
     parents = model.parents.cpu().numpy()
     J = model.n_joints
     joint_nodes = [2 + j for j in range(J)]
-    nodes = [{"name": "FLAME", "children": [joint_nodes[0], 1]}, {"name": "head", "mesh": 0, "skin": 0}]
+    nodes = [{"name": "FLAME", "children": [joint_nodes[0]]}, {"name": "head", "mesh": 0, "skin": 0}]
     for j, name in enumerate(_joint_names(J)):
         rel = rest_j[j] - (rest_j[parents[j]] if parents[j] >= 0 else 0.0)
         node = {"name": name, "translation": [float(x) for x in rel]}
@@ -433,7 +433,7 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
     g.doc["nodes"] = nodes
     g.doc["skins"] = [{"name": "FLAME", "joints": joint_nodes, "skeleton": joint_nodes[0],
                        "inverseBindMatrices": g.accessor(ibm.transpose(0, 2, 1).reshape(J, 16), "MAT4", _FLOAT)}]
-    g.doc["scenes"] = [{"name": "flamefit", "nodes": [0]}]
+    g.doc["scenes"] = [{"name": "flamefit", "nodes": [0, 1]}]
     g.doc["scene"] = 0
 
     # animation: one keyframe per frame

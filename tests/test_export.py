@@ -183,6 +183,7 @@ def test_top_four_weights_are_renormalised():
     np.testing.assert_allclose(dropped, [0.04, 0.0], atol=1e-12)
     j2, t2, _ = ex.top_weights(np.array([[0.25, 0.75]]))  # fewer joints than influences: padded
     assert j2.tolist() == [[1, 0, 0, 0]] and t2.tolist() == [[0.75, 0.25, 0, 0]]
+    assert (joints[1, 1:] == 0).all()  # slots with weight 0 point at joint 0
 
 
 def test_models_lose_nothing_to_four_influences(any_model):
@@ -401,6 +402,12 @@ def test_bad_inputs_are_one_line_usage_errors(standin_model, synthetic_model, tm
                                          r"12788; fix: pass the model it was made with \(--model PATH\)"):
         ex.export_file(src, "glb", out, model=standin_model)
     assert out.read_bytes() == b"old"
+    write_fit(tmp_path / "fit.npz", synthetic_model, albedo=[0.5, -1.0])  # texture coefficients, none installed
+    with pytest.raises(UsageError, match="2 texture-space coefficients but .*fix: install the texture space"):
+        ex.export_file(tmp_path / "fit.npz", "glb", out, model=synthetic_model)
+    with pytest.raises(UsageError, match=r"is a folder; fix: give a file name"):
+        ex.export_file(src, "glb", tmp_path, model=synthetic_model)
+    (tmp_path / "fit.npz").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head.glb", "other.npz", "short.npz", "text.npz",
                                                           "track.npz"]
 
