@@ -403,16 +403,19 @@ def assets_install(path):
 @click.option("--morph", type=click.Choice(["signed", "split"]), default="signed", show_default=True,
               help="glb morph targets: one per expression coefficient (signed weights), or a +/- pair each "
               "(weights >= 0, for tools that clamp negative shape-key values).")
+@click.option("--correctives", type=click.Choice(["bake", "drop"]), default="bake", show_default=True,
+              help="glb pose correctives: baked as animated morph targets (exact playback), or left out.")
 @handle_errors
-def export(source, fmt, out, model, morph):
+def export(source, fmt, out, model, morph, correctives):
     """Export a fit.npz or track.npz as GLB (skin + expression morph targets + animation) or OBJ/PLY meshes."""
     from fitter.export import export_file
 
-    r = export_file(source, fmt, out, model=model, morph=morph)
+    r = export_file(source, fmt, out, model=model, morph=morph, correctives=correctives)
     what = f"{r.frames} frame(s) at {r.fps:g} fps, {r.vertices} vertices"
     if r.format == "glb":
-        what += (f", {r.joints} joints, {r.morph_targets} morph targets; pose correctives left out: max "
-                 f"{r.corrective_max_mm:.3f} mm, mean {r.corrective_mean_mm:.3f} mm")
+        what += f", {r.joints} joints, {r.morph_targets} morph targets; pose correctives {r.correctives}"
+        if r.correctives == "dropped":
+            what += f" (lost: max {r.corrective_max_mm:.3f} mm, mean {r.corrective_mean_mm:.3f} mm)"
     console.print(f"[green]wrote[/] {r.path} ({what})")
 
 

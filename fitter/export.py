@@ -11,8 +11,17 @@ FLAME onto glTF almost one to one:
   blendshape), named in ``mesh.extras.targetNames``; with ``morph="split"`` two per
   coefficient (``exp_007+`` with the blendshape, ``exp_007-`` with its negative) so that every
   weight is >= 0, for tools that clamp negative shape-key values;
+* **pose correctives** (``correctives="bake"``, the default): FLAME's ``posedirs`` are vertex
+  offsets linear in the pose feature (the entries of R_j - I for the joints after the root,
+  9 (J - 1) of them) added before skinning, exactly like blendshapes; they become 9 (J - 1)
+  more morph targets (``pose_000`` ...) whose animated weights are that feature at each frame.
+  Playback is then exact. What glTF cannot express is the *dependence* on the pose: posing the
+  bones by hand (in Blender, say) does not update them. ``correctives="drop"`` leaves them out
+  and the export report measures the loss at the exported frames (max / mean mm). Models whose
+  posedirs are all zero (the ICT stand-in) get no such targets either way;
 * **animation**: one keyframe per frame at the clip's fps: joint rotations (quaternions from
-  the axis-angle poses), joint translations and morph weights (the expression coefficients).
+  the axis-angle poses), joint translations and morph weights (the expression coefficients,
+  and the pose features of baked correctives).
 
 The translation channels are there because FLAME regresses its joints from the mesh *with*
 the expression (``lbs`` blends shape and expression before regressing joints), so the joints
@@ -21,10 +30,8 @@ J(t), dJ = J(t) - J0 and the frame's local rotations R, the node translation
 ``J_j - J_parent - R_j dJ_j + dJ_parent`` (root: ``J_0 - R_0 dJ_0``) makes glTF's joint
 matrix (node world transform x inverse bind matrix) equal FLAME's skinning transform exactly.
 
-Lost in glTF: FLAME's pose correctives (``posedirs``: vertex offsets that depend linearly on
-the joint rotations) have no glTF equivalent; they are left out, and the export report
-measures what that costs at the exported frames (max / mean vertex distance in mm). The
-OBJ / PLY meshes are full FLAME evaluations, correctives included.
+The OBJ / PLY meshes are full FLAME evaluations, correctives included. Expression morph
+targets carry POSITION deltas only: normals are the rest pose's (skinned, not morphed).
 
 Colours: per-vertex albedo goes to COLOR_0 converted from the fit's (photo, sRGB-like) values
 to linear, as glTF defines COLOR_0; a texture-space albedo goes in as its texture PNG
@@ -59,11 +66,12 @@ from .params import FitParams, load_fit
 from .shading import vertex_normals
 
 __all__ = ["FORMATS", "JOINT_NAMES", "Clip", "ExportReport", "axis_angle_to_quat", "continuous_quats",
-           "export_clip", "export_file", "load_clip", "posed_vertices", "rest_skeleton", "split_uv_seams",
-           "srgb_to_linear", "top_weights"]
+           "export_clip", "export_file", "gltf_bytes", "load_clip", "pose_features", "posed_vertices",
+           "rest_skeleton", "split_uv_seams", "srgb_to_linear", "top_weights"]
 
 FORMATS = ("glb", "obj", "ply")
 MORPH_MODES = ("signed", "split")
+CORRECTIVE_MODES = ("bake", "drop")
 JOINT_NAMES = ("root", "neck", "jaw", "left_eye", "right_eye")  # FLAME's 5 joints
 POSE_KEYS = ("global_pose", "neck_pose", "jaw_pose", "eye_pose")
 TRACK_KEYS = ("shape", "exp", *POSE_KEYS, "fps")
@@ -218,6 +226,14 @@ def quat_to_matrix(q: np.ndarray) -> np.ndarray:
                      2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], axis=1).reshape(-1, 3, 3)
 
 
+def pose_features(pose: np.ndarray) -> np.ndarray:
+    """FLAME's pose-corrective feature: full poses T x (J * 3) axis-angle -> T x 9 (J - 1), the
+    entries of R_j - I (row-major) for joints 1 .. J - 1, the weights of the posedirs rows."""
+    T = pose.shape[0]
+    R = quat_to_matrix(axis_angle_to_quat(pose.reshape(-1, 3))).reshape(T, -1, 3, 3)
+    return (R[:, 1:] - np.eye(3)).reshape(T, -1)
+
+
 def top_weights(weights: np.ndarray, k: int = MAX_INFLUENCES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The k largest skinning weights per vertex, renormalised to sum 1.
 
@@ -367,11 +383,19 @@ def _joint_names(n: int) -> list[str]:
     return list(JOINT_NAMES) if n == len(JOINT_NAMES) else [f"joint_{j}" for j in range(n)]
 
 
-def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed") -> bytes:
+def has_correctives(model: FlameModel) -> bool:
+    return bool(model.posedirs.abs().max() > 0)
+
+
+def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed", correctives: str = "bake") -> bytes:
     """The GLB of a clip (see the module docstring). texture: a fitter.albedo.TextureAlbedo when the
     clip's albedo is texture-space coefficients, else None (per-vertex colours or none)."""
     if morph not in MORPH_MODES:
         raise UsageError(f"--morph {morph}: use one of {', '.join(MORPH_MODES)}")
+    if correctives not in CORRECTIVE_MODES:
+        raise UsageError(f"--correctives {correctives}: use one of {', '.join(CORRECTIVE_MODES)}")
+    if any(p < 0 for p in model.parents.cpu().numpy()[1:]):
+        raise UsageError(f"{model.name}: the model has more than one root joint; fix: use a FLAME-format model")
     g = _Glb()
     faces = model.faces.cpu().numpy()
     rest_v, rest_j = rest_skeleton(model, clip.shape)
@@ -400,14 +424,24 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
     elif clip.albedo is not None and clip.albedo.ndim == 2:
         attrs["COLOR_0"] = g.accessor(srgb_to_linear(clip.albedo)[src], "VEC3", _FLOAT, _ARRAY_BUFFER)
 
+    # blend targets: expression (weights = coefficients), then baked correctives (weights = pose feature)
     n_exp = exp_dirs.shape[2]
     names = [f"exp_{k:03d}" for k in range(n_exp)]
+    deltas = [exp_dirs[:, :, k] for k in range(n_exp)]
+    weights = clip.exp
+    if correctives == "bake" and has_correctives(model):
+        P = model.posedirs.shape[0]
+        pose_dirs = model.posedirs.double().cpu().numpy().reshape(P, model.n_verts, 3)
+        names += [f"pose_{p:03d}" for p in range(P)]
+        deltas += list(pose_dirs)
+        weights = np.concatenate([weights, pose_features(clip.pose())], axis=1)
     signs = [1.0]
     if morph == "split":
         names = [f"{n}{s}" for n in names for s in "+-"]
         signs = [1.0, -1.0]
-    targets = [{"POSITION": g.accessor(sign * exp_dirs[src, :, k], "VEC3", _FLOAT, _ARRAY_BUFFER, bounds=True)}
-               for k in range(n_exp) for sign in signs]
+        weights = np.stack([np.clip(weights, 0, None), np.clip(-weights, 0, None)], axis=2).reshape(clip.n_frames, -1)
+    targets = [{"POSITION": g.accessor(sign * d[src], "VEC3", _FLOAT, _ARRAY_BUFFER, bounds=True)}
+               for d in deltas for sign in signs]
     primitive = {"attributes": attrs, "indices": g.accessor(faces.reshape(-1), "SCALAR", _UINT, _ELEMENT_ARRAY_BUFFER),
                  "material": 0, "mode": 4, "targets": targets}
     g.doc["materials"] = [material]
@@ -426,8 +460,6 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
         if kids:
             node["children"] = kids
         nodes.append(node)
-    if any(p < 0 for p in parents[1:]):
-        raise UsageError(f"{model.name}: the model has more than one root joint; fix: use a FLAME-format model")
     ibm = np.tile(np.eye(4), (J, 1, 1))
     ibm[:, :3, 3] = -rest_j
     g.doc["nodes"] = nodes
@@ -439,10 +471,6 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
     # animation: one keyframe per frame
     times = np.arange(clip.n_frames) / clip.fps
     quats, trans = joint_tracks(model, clip, rest_j)
-    if morph == "split":
-        weights = np.stack([np.clip(clip.exp, 0, None), np.clip(-clip.exp, 0, None)], axis=2).reshape(clip.n_frames, -1)
-    else:
-        weights = clip.exp
     t_acc = g.accessor(times, "SCALAR", _FLOAT, bounds=True)
     samplers, channels = [], []
 
@@ -456,7 +484,8 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
     channel(1, "weights", weights.reshape(-1), "SCALAR")
     g.doc["animations"] = [{"name": clip.source.stem, "samplers": samplers, "channels": channels}]
     g.doc["asset"]["extras"] = {"source": str(clip.source), "kind": clip.kind, "model": model.tag, "fps": clip.fps,
-                                "frames": clip.n_frames, "pose_correctives": "not included"}
+                                "frames": clip.n_frames,
+                                "pose_correctives": correctives if has_correctives(model) else "none in the model"}
     return g.to_bytes()
 
 
@@ -518,11 +547,12 @@ def _write_meshes(folder: Path, names: list[str], verts: np.ndarray, model: Flam
 class ExportReport:
     """What an export wrote and what it could not carry.
 
-    corrective_max_mm / corrective_mean_mm: the pose correctives left out of the GLB, as the
-    distance between FLAME's vertices with and without them over the exported frames (max, mean;
-    0 for OBJ / PLY, which include them). weights_dropped_max: the largest skinning-weight sum a
-    vertex lost to the 4-influence limit (0: nothing lost); verts_over_limit: how many vertices
-    had more than 4 non-zero weights."""
+    correctives: 'baked' (as morph targets), 'dropped', 'none in the model' (posedirs all zero) or
+    'included' (OBJ / PLY: full evaluation). corrective_max_mm / corrective_mean_mm: what the
+    correctives move over the exported frames (distance between FLAME's vertices with and without
+    them: max, mean), i.e. what is lost when dropped. weights_dropped_max: the largest skinning-
+    weight sum a vertex lost to the 4-influence limit (0: nothing lost); verts_over_limit: how
+    many vertices had more than 4 non-zero weights."""
 
     path: Path
     format: str
@@ -532,6 +562,7 @@ class ExportReport:
     morph_targets: int
     joints: int
     textured: bool
+    correctives: str
     corrective_max_mm: float
     corrective_mean_mm: float
     weights_dropped_max: float
@@ -543,12 +574,13 @@ def _frame_names(clip: Clip, suffix: str) -> list[str]:
 
 
 def export_clip(clip: Clip, model: FlameModel, fmt: str, out: str | Path, texture=None,
-                morph: str = "signed") -> ExportReport:
+                morph: str = "signed", correctives: str = "bake") -> ExportReport:
     """Write `clip` as `fmt` to `out`, atomically (nothing half-written is left on failure).
 
     glb: one file. obj / ply: a single fit -> one file at `out` (an OBJ with a texture gets
     its .mtl and texture.png beside it); a track -> folder `out` with frame_0000.<fmt> ...
-    texture: a fitter.albedo.TextureAlbedo for texture-space albedo, else None."""
+    texture: a fitter.albedo.TextureAlbedo for texture-space albedo, else None. morph, correctives:
+    see the module docstring."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     check_clip(clip, model)
@@ -559,22 +591,23 @@ def export_clip(clip: Clip, model: FlameModel, fmt: str, out: str | Path, textur
     _, _, dropped = top_weights(model.weights.cpu().numpy())
     w = model.weights.cpu().numpy()
     over = int(((np.abs(w) > 0).sum(axis=1) > MAX_INFLUENCES).sum())
-    n_targets = 0
+    gap = np.linalg.norm(full - posed_vertices(model, clip, correctives=False), axis=-1) * 1000.0
+    cmax, cmean = float(gap.max()), float(gap.mean())
+    n_targets, mode = 0, "included"
     if fmt == "glb":
-        gap = np.linalg.norm(full - posed_vertices(model, clip, correctives=False), axis=-1) * 1000.0
-        data = gltf_bytes(model, clip, texture, morph)
+        data = gltf_bytes(model, clip, texture, morph, correctives)
         atomic_write(out, lambda fh: fh.write(data))
-        n_targets = clip.exp.shape[1] * (2 if morph == "split" else 1)
-        cmax, cmean = float(gap.max()), float(gap.mean())
+        mode = "none in the model" if not has_correctives(model) else {"bake": "baked", "drop": "dropped"}[correctives]
+        n_targets = (clip.exp.shape[1] + (model.posedirs.shape[0] if mode == "baked" else 0)) * (
+            2 if morph == "split" else 1)
     else:
-        cmax = cmean = 0.0
         if clip.kind == "fit":
             _write_single(out, full[0], model, clip, fmt, texture)
         else:
             with io.atomic_dir(out) as tmp:
                 _write_meshes(tmp, _frame_names(clip, fmt), full, model, clip, fmt, texture)
     return ExportReport(out, fmt, clip.n_frames, clip.fps, model.n_verts, n_targets, model.n_joints,
-                        texture is not None, cmax, cmean, float(dropped.max()), over)
+                        texture is not None, mode, cmax, cmean, float(dropped.max()), over)
 
 
 def _write_single(out: Path, verts: np.ndarray, model: FlameModel, clip: Clip, fmt: str, texture) -> None:
@@ -590,7 +623,8 @@ def _write_single(out: Path, verts: np.ndarray, model: FlameModel, clip: Clip, f
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_file(source: str | Path, fmt: str, out: str | Path, model=None, morph: str = "signed") -> ExportReport:
+def export_file(source: str | Path, fmt: str, out: str | Path, model=None, morph: str = "signed",
+                correctives: str = "bake") -> ExportReport:
     """`cli.py export`: read a fit.npz / track.npz, load the model (path, FlameModel or None for the
     resolved default) and its texture space when the albedo needs one, and export."""
     from .albedo import texture_model_for
@@ -602,4 +636,4 @@ def export_file(source: str | Path, fmt: str, out: str | Path, model=None, morph
     texture = None
     if clip.albedo is not None and clip.albedo.ndim == 1:
         texture = texture_model_for(flame, torch.as_tensor(clip.albedo)[None])
-    return export_clip(clip, flame, fmt, out, texture=texture, morph=morph)
+    return export_clip(clip, flame, fmt, out, texture=texture, morph=morph, correctives=correctives)

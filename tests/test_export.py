@@ -208,25 +208,49 @@ def test_srgb_to_linear_known_values():
 
 
 # ----------------------------------------------------------------------------- GLB
-def test_glb_skin_and_morphs_reproduce_flame(any_model, tmp_path):
+@pytest.mark.parametrize("correctives", ["bake", "drop"])
+def test_glb_skin_and_morphs_reproduce_flame(any_model, correctives, tmp_path):
     m = any_model
     src = write_track(tmp_path / "track.npz", m, n_frames=5)
-    report = ex.export_file(src, "glb", tmp_path / "head.glb", model=m)
+    report = ex.export_file(src, "glb", tmp_path / "head.glb", model=m, correctives=correctives)
     track = dict(np.load(src))
     frames = [0, 2, 4]
     gl = Gltf(tmp_path / "head.glb")
     no_corr = flame_vertices(m, track, frames, correctives=False)
     with_corr = flame_vertices(m, track, frames, correctives=True)
     assert np.linalg.norm(no_corr - with_corr[:, :1].mean(), axis=-1).max() > 0.05  # the head really moves
+    expect = with_corr if correctives == "bake" else no_corr
     for k, f in enumerate(frames):
-        err_mm = np.linalg.norm(gl.skinned_positions(f) - no_corr[k], axis=1) * 1000
+        err_mm = np.linalg.norm(gl.skinned_positions(f) - expect[k], axis=1) * 1000
         assert err_mm.max() < 0.1, (f, err_mm.max())
     gap = np.linalg.norm(with_corr - no_corr, axis=-1) * 1000
-    assert report.corrective_max_mm >= gap.max() - 1e-3  # report covers every exported frame
-    if not m.posedirs.abs().max() > 0:  # the stand-in ships no correctives: nothing is lost
-        assert report.corrective_max_mm == 0.0
+    assert report.corrective_max_mm >= gap.max() - 1e-3  # the report covers every exported frame
+    if not m.posedirs.abs().max() > 0:  # the stand-in ships no correctives: nothing to bake, nothing lost
+        assert report.correctives == "none in the model" and report.corrective_max_mm == 0.0
+        assert report.morph_targets == m.n_exp
     else:
-        assert report.corrective_max_mm > 0.0
+        assert gap.max() > 0.1  # the correctives matter at this tolerance: baking them is tested
+        assert report.correctives == {"bake": "baked", "drop": "dropped"}[correctives]
+        assert report.morph_targets == m.n_exp + (36 if correctives == "bake" else 0)
+
+
+def test_baked_correctives_are_driven_by_the_pose_feature(synthetic_model, tmp_path):
+    m = synthetic_model
+    src = write_track(tmp_path / "track.npz", m, n_frames=3)
+    ex.export_file(src, "glb", tmp_path / "head.glb", model=m)
+    track = dict(np.load(src))
+    gl = Gltf(tmp_path / "head.glb")
+    prim = gl.g.meshes[0].primitives[0]
+    names = gl.g.meshes[0].extras["targetNames"]
+    assert names[m.n_exp:] == [f"pose_{p:03d}" for p in range(36)]
+    np.testing.assert_allclose(gl.data(prim.targets[m.n_exp + 4]["POSITION"]), m.posedirs[4].view(-1, 3).numpy(),
+                               atol=1e-9)
+    pose = np.concatenate([track[k] for k in ("global_pose", "neck_pose", "jaw_pose", "eye_pose")], 1)
+    R = batch_rodrigues(torch.as_tensor(pose.reshape(-1, 3), dtype=torch.float64), eps=1e-20).numpy()
+    R = R.reshape(3, 5, 3, 3)
+    feature = (R[:, 1:] - np.eye(3)).reshape(3, -1)
+    for f in range(3):
+        np.testing.assert_allclose(gl.morph_weights(1, f)[m.n_exp:], feature[f], atol=1e-6)
 
 
 def test_split_morphs_have_non_negative_weights_and_the_same_result(synthetic_model, tmp_path):
@@ -236,7 +260,7 @@ def test_split_morphs_have_non_negative_weights_and_the_same_result(synthetic_mo
     ex.export_file(src, "glb", tmp_path / "split.glb", model=m, morph="split")
     signed, split = Gltf(tmp_path / "signed.glb"), Gltf(tmp_path / "split.glb")
     names = split.g.meshes[0].extras["targetNames"]
-    assert len(names) == 2 * m.n_exp and names[:2] == ["exp_000+", "exp_000-"]
+    assert len(names) == 2 * (m.n_exp + 36) and names[:2] == ["exp_000+", "exp_000-"] and names[-1] == "pose_035-"
     for f in range(3):
         assert split.morph_weights(1, f).min() >= 0
         np.testing.assert_allclose(split.skinned_positions(f), signed.skinned_positions(f), atol=1e-6)
@@ -436,7 +460,7 @@ def test_cli_export(synthetic_model_dir, tmp_path):
     r = CliRunner().invoke(cli.main, ["export", str(src), "--format", "glb", "--out", str(tmp_path / "a.glb"),
                                       "--model", str(synthetic_model_dir)])
     assert r.exit_code == 0, r.output
-    assert "2 frame(s) at 25 fps" in r.output and "pose correctives left out: max" in r.output
+    assert "2 frame(s) at 25 fps" in r.output and "42 morph targets; pose correctives baked" in r.output
     header = (tmp_path / "a.glb").read_bytes()[:20]
     assert header[:4] == b"glTF" and json.loads((tmp_path / "a.glb").read_bytes()[20:20 + int.from_bytes(
         header[12:16], "little")])["asset"]["version"] == "2.0"
