@@ -1,18 +1,21 @@
 """`cli.py export`: GLB structure read back with real glTF readers (pygltflib, trimesh), the
-skinning round trip through our own small glTF skinning evaluator, OBJ/PLY sequences, bad input."""
+skinning round trip through our own small glTF skinning evaluator (bench.export.GltfSkinning,
+which knows nothing of fitter/export.py), OBJ/PLY sequences, bad input. Tracks are synthetic
+track.npz files per the contract's schema (bench.export.synthetic_track)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pygltflib
 import pytest
 import torch
 import trimesh
 from click.testing import CliRunner
 
 import cli
+from bench.export import GltfSkinning as Gltf
+from bench.export import flame_vertices, synthetic_track
 from fitter import albedo as alb
 from fitter import export as ex
 from fitter import io
@@ -37,130 +40,9 @@ def any_model(request, synthetic_model):
     return synthetic_model
 
 
-def synthetic_track(model: FlameModel, n_frames: int = 4, seed: int = 0) -> dict:
-    """A track.npz per the contract's schema: one identity, per-frame expression and poses (a head
-    turning up to ~25 degrees, nodding, jaw opening, eyes moving), fps, frames, model, recipe."""
-    rng = np.random.default_rng(seed)
-    T = n_frames
-    s = np.linspace(0, 1, T)
-    f32 = lambda a: np.asarray(a, np.float32)
-    return {
-        "shape": f32(rng.normal(0, 1.0, model.n_shape)),
-        "albedo": f32(rng.uniform(0.2, 0.9, (model.n_verts, 3))),
-        "exp": f32(rng.normal(0, 1.2, (T, model.n_exp))),
-        "global_pose": f32(np.stack([0.15 * np.sin(3 * s), np.deg2rad(25) * np.sin(2 * np.pi * s), 0.05 * s], 1)),
-        "neck_pose": f32(np.stack([0.2 * np.sin(2 * np.pi * s), 0.1 * s, -0.05 * s], 1)),
-        "jaw_pose": f32(np.stack([0.25 * s, 0.02 * s, 0 * s], 1)),
-        "eye_pose": f32(rng.normal(0, 0.15, (T, 6))),
-        "R": f32(np.tile(np.eye(3), (T, 1, 1))), "t": f32(np.tile([0, 0, 1.0], (T, 1))),
-        "landmarks2d": f32(np.zeros((T, 68, 2))), "landmarks2d_target": f32(np.zeros((T, 68, 2))),
-        "frame_ok": np.ones(T, bool), "K": f32(np.eye(3)), "fps": np.float32(FPS),
-        "frames": np.array([f"{i:04d}.png" for i in range(T)]), "model": np.array(model.tag),
-        "recipe": np.array("track"),
-    }
-
-
 def write_track(path, model, **kw):
-    np.savez(path, **synthetic_track(model, **kw))
+    np.savez(path, **synthetic_track(model, fps=FPS, **kw))
     return path
-
-
-def flame_vertices(model: FlameModel, track: dict, frames, correctives: bool) -> np.ndarray:
-    """The FlameModel's own posed vertices (its forward), with or without pose correctives: T x V x 3."""
-    m = model
-    if not correctives:
-        m = FlameModel.__new__(FlameModel)
-        m.__dict__.update(model.__dict__)
-        m._buffers = dict(model._buffers)
-        m._buffers["posedirs"] = torch.zeros_like(model.posedirs)
-    t = lambda k: torch.as_tensor(track[k][frames])
-    with torch.no_grad():
-        out = m(torch.as_tensor(track["shape"])[None].expand(len(frames), -1), t("exp"), t("global_pose"),
-                t("neck_pose"), t("jaw_pose"), t("eye_pose"))
-    return out.vertices.double().numpy()
-
-
-# ----------------------------------------------------------------------------- a glTF reader + skinning
-_COMPONENTS = {5126: np.float32, 5125: np.uint32, 5123: np.uint16, 5121: np.uint8}
-_WIDTH = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4, "MAT4": 16}
-
-
-class Gltf:
-    """A GLB read back with pygltflib; accessors decoded from the binary chunk per the spec."""
-
-    def __init__(self, path):
-        self.g = pygltflib.GLTF2().load(str(path))
-        self.blob = self.g.binary_blob()
-
-    def data(self, index: int) -> np.ndarray:
-        acc = self.g.accessors[index]
-        view = self.g.bufferViews[acc.bufferView]
-        dtype = np.dtype(_COMPONENTS[acc.componentType])
-        n = _WIDTH[acc.type]
-        assert view.byteStride in (None, 0, n * dtype.itemsize)
-        start = (view.byteOffset or 0) + (acc.byteOffset or 0)
-        arr = np.frombuffer(self.blob, dtype=dtype, count=acc.count * n, offset=start)
-        return arr.reshape(acc.count, n) if n > 1 else arr.copy()
-
-    def local_matrix(self, node_index: int, frame: int) -> np.ndarray:
-        """The node's local T * R * S at keyframe `frame` (animated paths override the node's TRS)."""
-        node = self.g.nodes[node_index]
-        t = np.array(node.translation or [0, 0, 0], float)
-        q = np.array(node.rotation or [0, 0, 0, 1], float)
-        s = np.array(node.scale or [1, 1, 1], float)
-        for anim in self.g.animations:
-            for ch in anim.channels:
-                if ch.target.node != node_index:
-                    continue
-                out = self.data(anim.samplers[ch.sampler].output)
-                if ch.target.path == "translation":
-                    t = out[frame].astype(float)
-                elif ch.target.path == "rotation":
-                    q = out[frame].astype(float)
-        x, y, z, w = q / np.linalg.norm(q)
-        R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                      [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                      [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
-        M = np.eye(4)
-        M[:3, :3] = R * s
-        M[:3, 3] = t
-        return M
-
-    def world_matrix(self, node_index: int, frame: int) -> np.ndarray:
-        parent = {c: i for i, n in enumerate(self.g.nodes) for c in (n.children or [])}
-        M = self.local_matrix(node_index, frame)
-        while node_index in parent:
-            node_index = parent[node_index]
-            M = self.local_matrix(node_index, frame) @ M
-        return M
-
-    def morph_weights(self, mesh_node: int, frame: int) -> np.ndarray:
-        n = len(self.g.meshes[self.g.nodes[mesh_node].mesh].primitives[0].targets)
-        for anim in self.g.animations:
-            for ch in anim.channels:
-                if ch.target.node == mesh_node and ch.target.path == "weights":
-                    return self.data(anim.samplers[ch.sampler].output).reshape(-1, n)[frame].astype(float)
-        return np.array(self.g.meshes[self.g.nodes[mesh_node].mesh].weights, float)
-
-    def skinned_positions(self, frame: int) -> np.ndarray:
-        """Morph targets, then linear blend skinning: jointMatrix = world(joint) @ inverseBind (glTF 2.0 3.7.3)."""
-        node_index = next(i for i, n in enumerate(self.g.nodes) if n.mesh is not None)
-        node = self.g.nodes[node_index]
-        prim = self.g.meshes[node.mesh].primitives[0]
-        pos = self.data(prim.attributes.POSITION).astype(float)
-        for w, target in zip(self.morph_weights(node_index, frame), prim.targets, strict=True):
-            pos = pos + w * self.data(target["POSITION"]).astype(float)
-        skin = self.g.skins[node.skin]
-        ibm = self.data(skin.inverseBindMatrices).reshape(-1, 4, 4).transpose(0, 2, 1)  # column-major
-        mats = np.stack([self.world_matrix(j, frame) @ ibm[k] for k, j in enumerate(skin.joints)])
-        joints = self.data(prim.attributes.JOINTS_0).astype(int)
-        weights = self.data(prim.attributes.WEIGHTS_0).astype(float)
-        M = np.einsum("vk,vkab->vab", weights, mats[joints])
-        return np.einsum("vab,vb->va", M[:, :3, :3], pos) + M[:, :3, 3]
-
-    def faces(self) -> np.ndarray:
-        prim = self.g.meshes[0].primitives[0]
-        return self.data(prim.indices).reshape(-1, 3).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- maths
