@@ -59,14 +59,15 @@ import torch
 from priors.assets import atomic_write
 from priors.errors import UsageError
 from priors.flame import FlameModel, lbs
-from priors.flame import vertices2joints as _vertices2joints
+from priors.flame import vertices2joints
 
 from . import io
 from .params import FitParams, load_fit
 from .shading import vertex_normals
 
 __all__ = ["FORMATS", "JOINT_NAMES", "Clip", "ExportReport", "axis_angle_to_quat", "continuous_quats",
-           "export_clip", "export_file", "gltf_bytes", "load_clip", "pose_features", "posed_vertices",
+           "corrective_gap_mm", "export_clip", "export_file", "gltf_bytes", "iter_posed", "load_clip",
+           "pose_features", "posed_vertices",
            "rest_skeleton", "split_uv_seams", "srgb_to_linear", "top_weights"]
 
 FORMATS = ("glb", "obj", "ply")
@@ -188,6 +189,9 @@ def check_clip(clip: Clip, model: FlameModel) -> None:
     if clip.n_verts is not None and clip.n_verts != model.n_verts:
         raise UsageError(f"{clip.source}: made for a model with {clip.n_verts} vertices, the model in use has "
                          f"{model.n_verts}; {_FIX_MODEL}")
+    if model.n_joints != len(JOINT_NAMES):
+        raise UsageError(f"{model.name}: {model.n_joints} joints, FLAME has {len(JOINT_NAMES)} (root, neck, jaw, "
+                         "eyes); fix: use a FLAME-format model")
     n_shape, n_exp = clip.shape.shape[0], clip.exp.shape[1]
     if n_shape != model.n_shape or n_exp != model.n_exp:
         raise UsageError(f"{clip.source}: {n_shape} shape / {n_exp} expression coefficients, the model has "
@@ -278,7 +282,7 @@ def rest_skeleton(model: FlameModel, shape: np.ndarray) -> tuple[np.ndarray, np.
     with torch.no_grad():
         s = torch.as_tensor(np.asarray(shape), dtype=model.dirs.dtype, device=model.dirs.device)
         v = model.v_template + torch.einsum("k,vck->vc", s, model.dirs[:, :, : model.n_shape])
-        joints = _vertices2joints(model.J_regressor, v[None])[0]
+        joints = vertices2joints(model.J_regressor, v[None])[0]
     return v.double().cpu().numpy(), joints.double().cpu().numpy()
 
 
@@ -289,14 +293,13 @@ def clip_joints(model: FlameModel, clip: Clip) -> np.ndarray:
         coeffs = torch.cat([torch.as_tensor(clip.shape)[None].expand(clip.n_frames, -1),
                             torch.as_tensor(clip.exp)], dim=1)
         v = model.v_template.double().cpu()[None] + torch.einsum("bk,vck->bvc", coeffs, dirs)
-        return _vertices2joints(model.J_regressor.double().cpu(), v).numpy()
+        return vertices2joints(model.J_regressor.double().cpu(), v).numpy()
 
 
-def posed_vertices(model: FlameModel, clip: Clip, correctives: bool = True, chunk: int = 16) -> np.ndarray:
-    """FLAME's posed vertices of every frame: T x V x 3 (float64, model space, no camera).
-    correctives=False evaluates without the pose correctives (what glTF skinning can express)."""
-    out = []
+def _posed_chunks(model: FlameModel, clip: Clip, correctives: bool = True, chunk: int = 16):
+    """FLAME's posed vertices, `chunk` frames at a time: yields T' x V x 3 (float64)."""
     dd = lambda t: t.double().cpu()
+    buffers = dd(model.v_template), dd(model.dirs), dd(model.J_regressor), dd(model.weights)
     posedirs = dd(model.posedirs) if correctives else torch.zeros_like(dd(model.posedirs))
     pose = clip.pose()
     with torch.no_grad():
@@ -304,10 +307,37 @@ def posed_vertices(model: FlameModel, clip: Clip, correctives: bool = True, chun
             b = min(a + chunk, clip.n_frames)
             coeffs = torch.cat([torch.as_tensor(clip.shape)[None].expand(b - a, -1), torch.as_tensor(clip.exp[a:b])],
                                dim=1)
-            verts, _ = lbs(coeffs, torch.as_tensor(pose[a:b]), dd(model.v_template), dd(model.dirs), posedirs,
-                           dd(model.J_regressor), model.parents.cpu(), dd(model.weights))
-            out.append(verts.numpy())
-    return np.concatenate(out)
+            verts, _ = lbs(coeffs, torch.as_tensor(pose[a:b]), buffers[0], buffers[1], posedirs, buffers[2],
+                           model.parents.cpu(), buffers[3])
+            yield verts.numpy()
+
+
+def iter_posed(model: FlameModel, clip: Clip, correctives: bool = True):
+    """FLAME's posed vertices frame by frame: yields V x 3 (float64, model space, no camera)."""
+    for block in _posed_chunks(model, clip, correctives):
+        yield from block
+
+
+def posed_vertices(model: FlameModel, clip: Clip, correctives: bool = True) -> np.ndarray:
+    """FLAME's posed vertices of every frame: T x V x 3 (float64, model space, no camera).
+    correctives=False evaluates without the pose correctives (what glTF skinning alone expresses)."""
+    return np.concatenate(list(_posed_chunks(model, clip, correctives)))
+
+
+def corrective_gap_mm(model: FlameModel, clip: Clip) -> tuple[float, float]:
+    """What the pose correctives move over the clip's frames: (max, mean) vertex distance in mm
+    between FLAME with and without them (0, 0 for a model without correctives)."""
+    if not has_correctives(model):
+        return 0.0, 0.0
+    worst, total = 0.0, 0.0
+    for full, rigid in zip(_posed_chunks(model, clip, True), _posed_chunks(model, clip, False), strict=True):
+        gap = np.linalg.norm(full - rigid, axis=-1) * 1000.0
+        worst, total = max(worst, float(gap.max())), total + float(gap.sum())
+    return worst, total / (clip.n_frames * model.n_verts)
+
+
+def has_correctives(model: FlameModel) -> bool:
+    return bool(model.posedirs.abs().max() > 0)
 
 
 def joint_tracks(model: FlameModel, clip: Clip, rest_joints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -379,14 +409,6 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     return data.tobytes()
 
 
-def _joint_names(n: int) -> list[str]:
-    return list(JOINT_NAMES) if n == len(JOINT_NAMES) else [f"joint_{j}" for j in range(n)]
-
-
-def has_correctives(model: FlameModel) -> bool:
-    return bool(model.posedirs.abs().max() > 0)
-
-
 def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed", correctives: str = "bake") -> bytes:
     """The GLB of a clip (see the module docstring). texture: a fitter.albedo.TextureAlbedo when the
     clip's albedo is texture-space coefficients, else None (per-vertex colours or none)."""
@@ -453,7 +475,7 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
     J = model.n_joints
     joint_nodes = [2 + j for j in range(J)]
     nodes = [{"name": "FLAME", "children": [joint_nodes[0]]}, {"name": "head", "mesh": 0, "skin": 0}]
-    for j, name in enumerate(_joint_names(J)):
+    for j, name in enumerate(JOINT_NAMES):
         rel = rest_j[j] - (rest_j[parents[j]] if parents[j] >= 0 else 0.0)
         node = {"name": name, "translation": [float(x) for x in rel]}
         kids = [joint_nodes[c] for c in range(J) if parents[c] == j]
@@ -522,8 +544,9 @@ def _texture_vertex_colors(texture, coeffs: np.ndarray, n_verts: int, faces: np.
     return img[rows, cols]
 
 
-def _write_meshes(folder: Path, names: list[str], verts: np.ndarray, model: FlameModel, clip: Clip, fmt: str,
+def _write_meshes(folder: Path, names: list[str], verts, model: FlameModel, clip: Clip, fmt: str,
                   texture) -> None:
+    """One mesh per name in `folder`; verts: the frames' V x 3 vertices (an array or an iterator)."""
     faces = model.faces.cpu().numpy()
     colors = clip.albedo if clip.albedo is not None and clip.albedo.ndim == 2 else None
     if fmt == "obj":
@@ -587,12 +610,10 @@ def export_clip(clip: Clip, model: FlameModel, fmt: str, out: str | Path, textur
     out = Path(out)
     if out.is_dir() and (fmt == "glb" or clip.kind == "fit"):
         raise UsageError(f"{out}: is a folder; fix: give a file name, e.g. {out / ('head.' + fmt)}")
-    full = posed_vertices(model, clip, correctives=True)
     _, _, dropped = top_weights(model.weights.cpu().numpy())
     w = model.weights.cpu().numpy()
     over = int(((np.abs(w) > 0).sum(axis=1) > MAX_INFLUENCES).sum())
-    gap = np.linalg.norm(full - posed_vertices(model, clip, correctives=False), axis=-1) * 1000.0
-    cmax, cmean = float(gap.max()), float(gap.mean())
+    cmax, cmean = corrective_gap_mm(model, clip)
     n_targets, mode = 0, "included"
     if fmt == "glb":
         data = gltf_bytes(model, clip, texture, morph, correctives)
@@ -602,10 +623,10 @@ def export_clip(clip: Clip, model: FlameModel, fmt: str, out: str | Path, textur
             2 if morph == "split" else 1)
     else:
         if clip.kind == "fit":
-            _write_single(out, full[0], model, clip, fmt, texture)
+            _write_single(out, posed_vertices(model, clip)[0], model, clip, fmt, texture)
         else:
             with io.atomic_dir(out) as tmp:
-                _write_meshes(tmp, _frame_names(clip, fmt), full, model, clip, fmt, texture)
+                _write_meshes(tmp, _frame_names(clip, fmt), iter_posed(model, clip), model, clip, fmt, texture)
     return ExportReport(out, fmt, clip.n_frames, clip.fps, model.n_verts, n_targets, model.n_joints,
                         texture is not None, mode, cmax, cmean, float(dropped.max()), over)
 
