@@ -302,14 +302,16 @@ def _posed_chunks(model: FlameModel, clip: Clip, correctives: bool = True, chunk
     buffers = dd(model.v_template), dd(model.dirs), dd(model.J_regressor), dd(model.weights)
     posedirs = dd(model.posedirs) if correctives else torch.zeros_like(dd(model.posedirs))
     pose = clip.pose()
-    with torch.no_grad():
-        for a in range(0, clip.n_frames, chunk):
-            b = min(a + chunk, clip.n_frames)
+    for a in range(0, clip.n_frames, chunk):
+        b = min(a + chunk, clip.n_frames)
+        # no_grad only around the computation, never across a yield: grad mode is global, and two
+        # interleaved generators would otherwise restore each other's state and leave it off
+        with torch.no_grad():
             coeffs = torch.cat([torch.as_tensor(clip.shape)[None].expand(b - a, -1), torch.as_tensor(clip.exp[a:b])],
                                dim=1)
             verts, _ = lbs(coeffs, torch.as_tensor(pose[a:b]), buffers[0], buffers[1], posedirs, buffers[2],
                            model.parents.cpu(), buffers[3])
-            yield verts.numpy()
+        yield verts.numpy()
 
 
 def iter_posed(model: FlameModel, clip: Clip, correctives: bool = True):

@@ -135,6 +135,15 @@ def test_baked_correctives_are_driven_by_the_pose_feature(synthetic_model, tmp_p
         np.testing.assert_allclose(gl.morph_weights(1, f)[m.n_exp:], feature[f], atol=1e-6)
 
 
+def test_export_leaves_autograd_on(synthetic_model, tmp_path):
+    """Exporting (frames evaluated chunk by chunk under no_grad) must not switch gradients off for
+    whatever runs next in the process, e.g. a fit."""
+    src = write_track(tmp_path / "track.npz", synthetic_model, n_frames=20)
+    for fmt in ("glb", "obj"):
+        ex.export_file(src, fmt, tmp_path / f"out_{fmt}", model=synthetic_model)
+        assert torch.is_grad_enabled()
+
+
 def test_split_morphs_have_non_negative_weights_and_the_same_result(synthetic_model, tmp_path):
     m = synthetic_model
     src = write_track(tmp_path / "track.npz", m, n_frames=3)
