@@ -9,8 +9,9 @@ FLAME onto glTF almost one to one:
   LBS weights per vertex, renormalised; FLAME and the stand-in have at most 3 non-zero);
 * **morph targets**: one per expression coefficient (POSITION deltas = the expression
   blendshape), named in ``mesh.extras.targetNames``; with ``morph="split"`` two per
-  coefficient (``exp_007+`` with the blendshape, ``exp_007-`` with its negative) so that every
-  weight is >= 0, for tools that clamp negative shape-key values;
+  coefficient (``exp_007+`` with the blendshape, ``exp_007-`` with its negative), each scaled so
+  that its animated weight stays in [0, 1] (scales in ``mesh.extras.targetScales``), for tools
+  that clamp shape-key values (Blender's glTF importer does: see `split_targets`);
 * **pose correctives** (``correctives="bake"``, the default): FLAME's ``posedirs`` are vertex
   offsets linear in the pose feature (the entries of R_j - I for the joints after the root,
   9 (J - 1) of them) added before skinning, exactly like blendshapes; they become 9 (J - 1)
@@ -68,7 +69,7 @@ from .shading import vertex_normals
 __all__ = ["FORMATS", "JOINT_NAMES", "Clip", "ExportReport", "axis_angle_to_quat", "continuous_quats",
            "corrective_gap_mm", "export_clip", "export_file", "gltf_bytes", "iter_posed", "load_clip",
            "pose_features", "posed_vertices",
-           "rest_skeleton", "split_uv_seams", "srgb_to_linear", "top_weights"]
+           "rest_skeleton", "split_targets", "split_uv_seams", "srgb_to_linear", "top_weights"]
 
 FORMATS = ("glb", "obj", "ply")
 MORPH_MODES = ("signed", "split")
@@ -411,6 +412,22 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     return data.tobytes()
 
 
+def split_targets(names: list[str], deltas: list[np.ndarray], weights: np.ndarray
+                  ) -> tuple[list[str], list[np.ndarray], np.ndarray, np.ndarray]:
+    """Blend targets whose animated weights all lie in [0, 1], for tools that clamp shape-key values
+    (Blender's importer clamps to [0, 1] widened only by the first keyframe's value).
+
+    names K, deltas K x (V x 3), weights T x K -> a pair per target (`name+` with the delta, `name-`
+    with its negative; weights max(w, 0) and max(-w, 0)), each delta scaled by s = max(1, its largest
+    weight) and its weights divided by s: 2K names, 2K deltas, weights T x 2K, scales 2K. The blended
+    result, sum_k w_k delta_k, is unchanged."""
+    pairs = np.stack([np.clip(weights, 0, None), np.clip(-weights, 0, None)], axis=2).reshape(weights.shape[0], -1)
+    scales = np.maximum(1.0, pairs.max(axis=0))
+    out_names = [f"{n}{sign}" for n in names for sign in "+-"]
+    out_deltas = [sign * d * scales[2 * k + i] for k, d in enumerate(deltas) for i, sign in enumerate((1.0, -1.0))]
+    return out_names, out_deltas, pairs / scales, scales
+
+
 def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed", correctives: str = "bake") -> bytes:
     """The GLB of a clip (see the module docstring). texture: a fitter.albedo.TextureAlbedo when the
     clip's albedo is texture-space coefficients, else None (per-vertex colours or none)."""
@@ -459,18 +476,15 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
         names += [f"pose_{p:03d}" for p in range(P)]
         deltas += list(pose_dirs)
         weights = np.concatenate([weights, pose_features(clip.pose())], axis=1)
-    signs = [1.0]
+    extras: dict = {"targetNames": names}
     if morph == "split":
-        names = [f"{n}{s}" for n in names for s in "+-"]
-        signs = [1.0, -1.0]
-        weights = np.stack([np.clip(weights, 0, None), np.clip(-weights, 0, None)], axis=2).reshape(clip.n_frames, -1)
-    targets = [{"POSITION": g.accessor(sign * d[src], "VEC3", _FLOAT, _ARRAY_BUFFER, bounds=True)}
-               for d in deltas for sign in signs]
+        names, deltas, weights, scales = split_targets(names, deltas, weights)
+        extras = {"targetNames": names, "targetScales": [float(x) for x in scales]}
+    targets = [{"POSITION": g.accessor(d[src], "VEC3", _FLOAT, _ARRAY_BUFFER, bounds=True)} for d in deltas]
     primitive = {"attributes": attrs, "indices": g.accessor(faces.reshape(-1), "SCALAR", _UINT, _ELEMENT_ARRAY_BUFFER),
                  "material": 0, "mode": 4, "targets": targets}
     g.doc["materials"] = [material]
-    g.doc["meshes"] = [{"name": "head", "primitives": [primitive], "weights": [0.0] * len(targets),
-                        "extras": {"targetNames": names}}]
+    g.doc["meshes"] = [{"name": "head", "primitives": [primitive], "weights": [0.0] * len(targets), "extras": extras}]
 
     # nodes: 0 the armature, 1 the skinned mesh (both scene roots: a skinned mesh ignores its parents), 2.. joints
     parents = model.parents.cpu().numpy()

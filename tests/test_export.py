@@ -144,7 +144,20 @@ def test_export_leaves_autograd_on(synthetic_model, tmp_path):
         assert torch.is_grad_enabled()
 
 
-def test_split_morphs_have_non_negative_weights_and_the_same_result(synthetic_model, tmp_path):
+def test_split_targets_by_hand():
+    d = np.ones((2, 3))
+    names, deltas, w, scales = ex.split_targets(["a"], [d], np.array([[0.5], [-3.0], [2.0]]))
+    assert names == ["a+", "a-"]
+    np.testing.assert_allclose(scales, [2.0, 3.0])  # largest positive weight 2, largest negative 3
+    np.testing.assert_allclose(w, [[0.25, 0], [0, 1], [1, 0]])
+    np.testing.assert_allclose(deltas[0], 2 * d)
+    np.testing.assert_allclose(deltas[1], -3 * d)
+    _, _, w1, s1 = ex.split_targets(["b"], [d], np.array([[0.5], [-0.2]]))  # within [0, 1]: unscaled
+    np.testing.assert_allclose(s1, [1, 1])
+    np.testing.assert_allclose(w1, [[0.5, 0], [0, 0.2]])
+
+
+def test_split_morphs_keep_weights_in_unit_range_and_the_result(synthetic_model, tmp_path):
     m = synthetic_model
     src = write_track(tmp_path / "track.npz", m, n_frames=3)
     ex.export_file(src, "glb", tmp_path / "signed.glb", model=m)
@@ -152,8 +165,10 @@ def test_split_morphs_have_non_negative_weights_and_the_same_result(synthetic_mo
     signed, split = Gltf(tmp_path / "signed.glb"), Gltf(tmp_path / "split.glb")
     names = split.g.meshes[0].extras["targetNames"]
     assert len(names) == 2 * (m.n_exp + 36) and names[:2] == ["exp_000+", "exp_000-"] and names[-1] == "pose_035-"
+    assert max(np.abs(signed.morph_weights(1, f)).max() for f in range(3)) > 1  # scaling is needed
     for f in range(3):
-        assert split.morph_weights(1, f).min() >= 0
+        w = split.morph_weights(1, f)
+        assert w.min() >= 0 and w.max() <= 1 + 1e-6
         np.testing.assert_allclose(split.skinned_positions(f), signed.skinned_positions(f), atol=1e-6)
 
 
