@@ -402,7 +402,7 @@ def assets_install(path):
 @click.option("--model", default=None, help="The model the fit/track was made with (default: resolved).")
 @click.option("--morph", type=click.Choice(["signed", "split"]), default="signed", show_default=True,
               help="glb morph targets: one per expression coefficient (signed weights), or a +/- pair each "
-              "(weights >= 0, for tools that clamp negative shape-key values).")
+              "with weights in [0, 1] (for Blender, which clamps shape-key values).")
 @click.option("--correctives", type=click.Choice(["bake", "drop"]), default="bake", show_default=True,
               help="glb pose correctives: baked as animated morph targets (exact playback), or left out.")
 @handle_errors
@@ -417,6 +417,8 @@ def export(source, fmt, out, model, morph, correctives):
         if r.correctives == "dropped":
             what += f" (lost: max {r.corrective_max_mm:.3f} mm, mean {r.corrective_mean_mm:.3f} mm)"
     console.print(f"[green]wrote[/] {r.path} ({what})")
+    if r.format == "glb" and morph == "signed":
+        console.print("note: Blender clamps negative shape-key values; for Blender export with --morph split")
 
 
 if __name__ == "__main__":

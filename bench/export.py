@@ -8,7 +8,9 @@ reports per case: seconds and their ratio to R (`bench.render`'s 224^2 batch-1 f
 backward, measured in the same run), the GLB's size, the round-trip error of the GLB (its
 skin + morph targets evaluated by `GltfSkinning`, an evaluator independent of
 fitter/export.py, against FlameModel's posed vertices, max over all frames, mm) and what the
-pose correctives move (max / mean mm: the loss with --correctives drop).
+pose correctives move (max / mean mm: the loss with --correctives drop). With `--blender PY`
+(a Python that has `bpy`), the GLBs are also imported with Blender's own glTF importer
+(bench/blender_import.py) and its animated mesh compared with FlameModel's, per morph mode.
 
 `GltfSkinning` reads a GLB with pygltflib (the dev extra) and applies glTF 2.0's vertex
 skinning: morph targets first, then jointMatrix = world(joint) x inverseBindMatrix per the
@@ -201,12 +203,46 @@ def run(n_frames: int = 48) -> dict:
             "torch": torch.__version__}
 
 
+def blender_check(python: str, n_frames: int = 12) -> list[dict]:
+    """Import signed and split GLBs of a synthetic track with Blender's glTF importer (run by `python`,
+    an interpreter with `bpy`; bench/blender_import.py) and compare its animation with FlameModel's
+    vertices (correctives included: they are baked). One row per model and morph mode."""
+    import subprocess
+
+    from fitter import export as ex
+
+    script = Path(__file__).with_name("blender_import.py")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, model in _models():
+            track = synthetic_track(model, n_frames=n_frames, fps=25.0)
+            np.savez(folder / f"{name}.npz", **track)
+            np.save(folder / f"{name}_truth.npy", flame_vertices(model, track, list(range(n_frames)), True))
+            for morph in ("signed", "split"):
+                glb = folder / f"{name}_{morph}.glb"
+                ex.export_file(folder / f"{name}.npz", "glb", glb, model=model, morph=morph)
+                done = subprocess.run([python, str(script), str(glb), str(folder / f"{name}_truth.npy"), "--fps", "25"],
+                                      capture_output=True, text=True, check=True)
+                record = json.loads(done.stdout.strip().splitlines()[-1])
+                worst = max(f.get("max_mm", float("inf")) for f in record["frames"])
+                rows.append({"model": name, "morph": morph, "blender": record["blender"],
+                             "shape_keys": record["shape_keys"], "keyframes": len(record["keyframes"]),
+                             "max_mm": float(f"{worst:.3g}"),
+                             "mean_mm": float(f"{np.mean([f.get('mean_mm', np.inf) for f in record['frames']]):.3g}")})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.export", description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=48, help="frames of the synthetic track")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--blender", metavar="PYTHON", default=None,
+                        help="also import the GLBs with Blender's glTF importer, run by this Python (one with bpy)")
     args = parser.parse_args(argv)
     record = run(args.frames)
+    if args.blender:
+        record["blender"] = blender_check(args.blender)
     if args.json:
         print(json.dumps(record))
         return
@@ -221,7 +257,16 @@ def main(argv=None) -> None:
         table.add_column(c)
     for r in record["results"]:
         table.add_row(*[str(r.get(c, "")) for c in cols])
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    if "blender" in record:
+        table = Table(title="Blender's glTF importer: evaluated mesh vs FlameModel, 12 keyframes")
+        cols = ("model", "morph", "blender", "shape_keys", "keyframes", "max_mm", "mean_mm")
+        for c in cols:
+            table.add_column(c)
+        for r in record["blender"]:
+            table.add_row(*[str(r[c]) for c in cols])
+        console.print(table)
 
 
 if __name__ == "__main__":
