@@ -142,7 +142,16 @@ def _track_clip(path: Path, content: dict) -> Clip:
     missing = [k for k in TRACK_KEYS if k not in content]
     if missing:
         raise UsageError(f"{path}: track.npz lacks {', '.join(missing)}; fix: re-run `cli.py track`")
-    arrays = {k: np.asarray(content[k], dtype=np.float64) for k in TRACK_KEYS}
+    arrays = {}
+    for key in TRACK_KEYS:
+        try:
+            arrays[key] = np.asarray(content[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise UsageError(f"{path}: key '{key}' is not numeric (dtype {content[key].dtype}); fix: re-run "
+                             "`cli.py track`") from None
+    if arrays["shape"].ndim != 1:
+        raise UsageError(f"{path}: key 'shape' has shape {arrays['shape'].shape}, a track has one identity "
+                         "(n_shape,); fix: re-run `cli.py track`")
     exp = arrays["exp"]
     if exp.ndim != 2 or exp.shape[0] < 1:
         raise UsageError(f"{path}: key 'exp' has shape {exp.shape}, a track needs (T, n_exp); {_FIX_INPUT}")
@@ -158,7 +167,7 @@ def _track_clip(path: Path, content: dict) -> Clip:
         if not np.isfinite(arrays[key]).all():
             raise UsageError(f"{path}: key '{key}' holds NaN or inf; fix: re-run `cli.py track`")
     albedo = content.get("albedo")
-    return Clip(path, "track", arrays["shape"].reshape(-1), exp, arrays["global_pose"], arrays["neck_pose"],
+    return Clip(path, "track", arrays["shape"], exp, arrays["global_pose"], arrays["neck_pose"],
                 arrays["jaw_pose"], arrays["eye_pose"], fps,
                 None if albedo is None else np.asarray(albedo, np.float32), str(content.get("model", "")),
                 _implied_verts(content))

@@ -325,6 +325,11 @@ def test_bad_inputs_are_one_line_usage_errors(standin_model, synthetic_model, tm
     np.savez(tmp_path / "short.npz", **bad)
     with pytest.raises(UsageError, match=r"short.npz: key 'jaw_pose' has shape \(2, 3\), expected \(4, 3\)"):
         ex.load_clip(tmp_path / "short.npz")
+    bad = synthetic_track(synthetic_model)
+    bad["fps"] = np.array("fast")
+    np.savez(tmp_path / "short.npz", **bad)
+    with pytest.raises(UsageError, match=r"short.npz: key 'fps' is not numeric"):
+        ex.load_clip(tmp_path / "short.npz")
     src = write_track(tmp_path / "track.npz", synthetic_model)
     out = tmp_path / "head.glb"
     out.write_bytes(b"old")
