@@ -66,10 +66,9 @@ from . import io
 from .params import FitParams, load_fit
 from .shading import vertex_normals
 
-__all__ = ["FORMATS", "JOINT_NAMES", "Clip", "ExportReport", "axis_angle_to_quat", "continuous_quats",
-           "corrective_gap_mm", "export_clip", "export_file", "gltf_bytes", "iter_posed", "load_clip",
-           "pose_features", "posed_vertices",
-           "rest_skeleton", "split_targets", "split_uv_seams", "srgb_to_linear", "top_weights"]
+__all__ = ["FORMATS", "JOINT_NAMES", "Clip", "ExportReport", "axis_angle_to_quat", "blend_targets", "continuous_quats",
+           "corrective_gap_mm", "export_clip", "export_file", "gltf_bytes", "iter_posed", "load_clip", "pose_features",
+           "posed_vertices", "rest_skeleton", "split_targets", "split_uv_seams", "srgb_to_linear", "top_weights"]
 
 FORMATS = ("glb", "obj", "ply")
 MORPH_MODES = ("signed", "split")
@@ -437,30 +436,39 @@ def split_targets(names: list[str], deltas: list[np.ndarray], weights: np.ndarra
     return out_names, out_deltas, pairs / scales, scales
 
 
-def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed", correctives: str = "bake") -> bytes:
-    """The GLB of a clip (see the module docstring). texture: a fitter.albedo.TextureAlbedo when the
-    clip's albedo is texture-space coefficients, else None (per-vertex colours or none)."""
-    if morph not in MORPH_MODES:
-        raise UsageError(f"--morph {morph}: use one of {', '.join(MORPH_MODES)}")
-    if correctives not in CORRECTIVE_MODES:
-        raise UsageError(f"--correctives {correctives}: use one of {', '.join(CORRECTIVE_MODES)}")
-    if any(p < 0 for p in model.parents.cpu().numpy()[1:]):
-        raise UsageError(f"{model.name}: the model has more than one root joint; fix: use a FLAME-format model")
-    g = _Glb()
+def blend_targets(model: FlameModel, clip: Clip, correctives: str = "bake"
+                  ) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """The GLB's morph targets before any split: names K, deltas K x (V x 3) and animated weights
+    T x K: the expression blendshapes (weights = coefficients), then, when baked and the model has
+    them, the pose correctives (weights = the pose feature)."""
+    n_exp = clip.exp.shape[1]
+    exp_dirs = model.dirs[:, :, model.n_shape:model.n_shape + n_exp].double().cpu().numpy()
+    names = [f"exp_{k:03d}" for k in range(n_exp)]
+    deltas = [exp_dirs[:, :, k] for k in range(n_exp)]
+    weights = clip.exp
+    if correctives == "bake" and has_correctives(model):
+        P = model.posedirs.shape[0]
+        names += [f"pose_{p:03d}" for p in range(P)]
+        deltas += list(model.posedirs.double().cpu().numpy().reshape(P, model.n_verts, 3))
+        weights = np.concatenate([weights, pose_features(clip.pose())], axis=1)
+    return names, deltas, weights
+
+
+def _add_mesh(g: _Glb, model: FlameModel, clip: Clip, texture, names: list[str], deltas: list[np.ndarray],
+              extras: dict) -> None:
+    """Mesh 0 (rest-pose head, normals, colours or UVs + texture, skin attributes, morph targets)."""
     faces = model.faces.cpu().numpy()
-    rest_v, rest_j = rest_skeleton(model, clip.shape)
+    rest_v, _ = rest_skeleton(model, clip.shape)
     with torch.no_grad():
         normals = vertex_normals(torch.as_tensor(rest_v)[None], model.faces.cpu())[0].numpy()
-    exp_dirs = model.dirs[:, :, model.n_shape:model.n_shape + clip.exp.shape[1]].double().cpu().numpy()
     if texture is not None:
         src, uv, faces = split_uv_seams(faces, texture.ft.cpu().numpy(), texture.vt.cpu().numpy())
     else:
         src, uv = np.arange(model.n_verts), None
     joints4, weights4, _ = top_weights(model.weights.cpu().numpy())
-
     attrs = {"POSITION": g.accessor(rest_v[src], "VEC3", _FLOAT, _ARRAY_BUFFER, bounds=True),
              "NORMAL": g.accessor(normals[src], "VEC3", _FLOAT, _ARRAY_BUFFER),
-             "JOINTS_0": g.accessor(joints4[src], "VEC4", _UBYTE if model.n_joints < 256 else _USHORT, _ARRAY_BUFFER),
+             "JOINTS_0": g.accessor(joints4[src], "VEC4", _UBYTE, _ARRAY_BUFFER),
              "WEIGHTS_0": g.accessor(weights4[src], "VEC4", _FLOAT, _ARRAY_BUFFER)}
     material = {"name": "skin", "pbrMetallicRoughness": {"metallicFactor": 0.0, "roughnessFactor": 0.8}}
     if texture is not None:
@@ -473,64 +481,77 @@ def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed
         material["pbrMetallicRoughness"]["baseColorTexture"] = {"index": 0}
     elif clip.albedo is not None and clip.albedo.ndim == 2:
         attrs["COLOR_0"] = g.accessor(srgb_to_linear(clip.albedo)[src], "VEC3", _FLOAT, _ARRAY_BUFFER)
-
-    # blend targets: expression (weights = coefficients), then baked correctives (weights = pose feature)
-    n_exp = exp_dirs.shape[2]
-    names = [f"exp_{k:03d}" for k in range(n_exp)]
-    deltas = [exp_dirs[:, :, k] for k in range(n_exp)]
-    weights = clip.exp
-    if correctives == "bake" and has_correctives(model):
-        P = model.posedirs.shape[0]
-        pose_dirs = model.posedirs.double().cpu().numpy().reshape(P, model.n_verts, 3)
-        names += [f"pose_{p:03d}" for p in range(P)]
-        deltas += list(pose_dirs)
-        weights = np.concatenate([weights, pose_features(clip.pose())], axis=1)
-    extras: dict = {"targetNames": names}
-    if morph == "split":
-        names, deltas, weights, scales = split_targets(names, deltas, weights)
-        extras = {"targetNames": names, "targetScales": [float(x) for x in scales]}
     targets = [{"POSITION": g.accessor(d[src], "VEC3", _FLOAT, _ARRAY_BUFFER, bounds=True)} for d in deltas]
     primitive = {"attributes": attrs, "indices": g.accessor(faces.reshape(-1), "SCALAR", _UINT, _ELEMENT_ARRAY_BUFFER),
                  "material": 0, "mode": 4, "targets": targets}
     g.doc["materials"] = [material]
-    g.doc["meshes"] = [{"name": "head", "primitives": [primitive], "weights": [0.0] * len(targets), "extras": extras}]
+    g.doc["meshes"] = [{"name": "head", "primitives": [primitive], "weights": [0.0] * len(names),
+                        "extras": {"targetNames": names, **extras}}]
 
-    # nodes: 0 the armature, 1 the skinned mesh (both scene roots: a skinned mesh ignores its parents), 2.. joints
+
+def _add_skin(g: _Glb, model: FlameModel, rest_joints: np.ndarray) -> list[int]:
+    """Nodes (0 the armature `FLAME`, 1 the skinned mesh: both scene roots, as a skinned mesh ignores
+    its parents; then the joints in FLAME's order) and skin 0; returns the joints' node indices."""
     parents = model.parents.cpu().numpy()
     J = model.n_joints
     joint_nodes = [2 + j for j in range(J)]
     nodes = [{"name": "FLAME", "children": [joint_nodes[0]]}, {"name": "head", "mesh": 0, "skin": 0}]
     for j, name in enumerate(JOINT_NAMES):
-        rel = rest_j[j] - (rest_j[parents[j]] if parents[j] >= 0 else 0.0)
+        rel = rest_joints[j] - (rest_joints[parents[j]] if parents[j] >= 0 else 0.0)
         node = {"name": name, "translation": [float(x) for x in rel]}
         kids = [joint_nodes[c] for c in range(J) if parents[c] == j]
         if kids:
             node["children"] = kids
         nodes.append(node)
-    ibm = np.tile(np.eye(4), (J, 1, 1))
-    ibm[:, :3, 3] = -rest_j
+    ibm = np.tile(np.eye(4), (J, 1, 1))  # rest rotations are the identity: inverse bind = translate(-J)
+    ibm[:, :3, 3] = -rest_joints
     g.doc["nodes"] = nodes
     g.doc["skins"] = [{"name": "FLAME", "joints": joint_nodes, "skeleton": joint_nodes[0],
                        "inverseBindMatrices": g.accessor(ibm.transpose(0, 2, 1).reshape(J, 16), "MAT4", _FLOAT)}]
     g.doc["scenes"] = [{"name": "flamefit", "nodes": [0, 1]}]
     g.doc["scene"] = 0
+    return joint_nodes
 
-    # animation: one keyframe per frame
-    times = np.arange(clip.n_frames) / clip.fps
-    quats, trans = joint_tracks(model, clip, rest_j)
-    t_acc = g.accessor(times, "SCALAR", _FLOAT, bounds=True)
+
+def _add_animation(g: _Glb, model: FlameModel, clip: Clip, joint_nodes: list[int], rest_joints: np.ndarray,
+                   weights: np.ndarray) -> None:
+    """Animation 0: one keyframe per frame (t = i / fps), LINEAR; per joint rotation + translation,
+    and the morph weights T x K of mesh node 1."""
+    t_acc = g.accessor(np.arange(clip.n_frames) / clip.fps, "SCALAR", _FLOAT, bounds=True)
+    quats, trans = joint_tracks(model, clip, rest_joints)
     samplers, channels = [], []
 
     def channel(node: int, path: str, values: np.ndarray, kind: str) -> None:
         samplers.append({"input": t_acc, "output": g.accessor(values, kind, _FLOAT), "interpolation": "LINEAR"})
         channels.append({"sampler": len(samplers) - 1, "target": {"node": node, "path": path}})
 
-    for j in range(J):
-        channel(joint_nodes[j], "rotation", quats[:, j], "VEC4")
-        channel(joint_nodes[j], "translation", trans[:, j], "VEC3")
+    for j, node in enumerate(joint_nodes):
+        channel(node, "rotation", quats[:, j], "VEC4")
+        channel(node, "translation", trans[:, j], "VEC3")
     channel(1, "weights", weights.reshape(-1), "SCALAR")
     g.doc["animations"] = [{"name": clip.source.stem, "samplers": samplers, "channels": channels}]
-    g.doc["asset"]["extras"] = {"source": str(clip.source), "kind": clip.kind, "model": model.tag, "fps": clip.fps,
+
+
+def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed", correctives: str = "bake") -> bytes:
+    """The GLB of a clip (see the module docstring). texture: a fitter.albedo.TextureAlbedo when the
+    clip's albedo is texture-space coefficients, else None (per-vertex colours or none)."""
+    if morph not in MORPH_MODES:
+        raise UsageError(f"--morph {morph}: use one of {', '.join(MORPH_MODES)}")
+    if correctives not in CORRECTIVE_MODES:
+        raise UsageError(f"--correctives {correctives}: use one of {', '.join(CORRECTIVE_MODES)}")
+    if any(p < 0 for p in model.parents.cpu().numpy()[1:]):
+        raise UsageError(f"{model.name}: the model has more than one root joint; fix: use a FLAME-format model")
+    g = _Glb()
+    names, deltas, weights = blend_targets(model, clip, correctives)
+    extras: dict = {}
+    if morph == "split":
+        names, deltas, weights, scales = split_targets(names, deltas, weights)
+        extras["targetScales"] = [float(x) for x in scales]
+    _add_mesh(g, model, clip, texture, names, deltas, extras)
+    _, rest_joints = rest_skeleton(model, clip.shape)
+    joint_nodes = _add_skin(g, model, rest_joints)
+    _add_animation(g, model, clip, joint_nodes, rest_joints, weights)
+    g.doc["asset"]["extras"] = {"source": clip.source.name, "kind": clip.kind, "model": model.tag, "fps": clip.fps,
                                 "frames": clip.n_frames,
                                 "pose_correctives": correctives if has_correctives(model) else "none in the model"}
     return g.to_bytes()
