@@ -310,6 +310,21 @@ def test_textured_fit_exports_uvs_and_texture(synthetic_model, tmp_path):
     assert gl.g.materials[0].pbrMetallicRoughness.baseColorTexture.index == 0
     scene = trimesh.load(tmp_path / "tex.glb", force="scene", process=False)
     assert next(iter(scene.geometry.values())).visual.uv.shape == (len(uv), 2)
+    # OBJ of a textured fit: the mesh, its .mtl and the texture beside it, moved into place together
+    (tmp_path / "obj").mkdir()
+    ex.export_clip(clip, m, "obj", tmp_path / "obj" / "head.obj", texture=tex)
+    assert sorted(p.name for p in (tmp_path / "obj").iterdir()) == ["head.mtl", "head.obj", "texture.png"]
+    text = (tmp_path / "obj" / "head.obj").read_text()
+    assert text.startswith("mtllib head.mtl") and text.count("\nvt ") == len(vt)
+    np.testing.assert_array_equal(io.read_image(tmp_path / "obj" / "texture.png"),
+                                  tex.texture_image(torch.tensor([[0.5, -1.0]])))
+    # PLY has no UVs: each vertex gets the texel under its (first) UV
+    ex.export_clip(clip, m, "ply", tmp_path / "head.ply", texture=tex)
+    ply = trimesh.load(tmp_path / "head.ply", process=False)
+    img = tex.texture_image(torch.tensor([[0.5, -1.0]]))
+    v0 = int(m.faces[0, 0])
+    u, v = vt[ft[0, 0]]
+    np.testing.assert_array_equal(ply.visual.vertex_colors[v0, :3], img[int((1 - v) * 8), int(u * 8)])
 
 
 # ----------------------------------------------------------------------------- bad input and the CLI
