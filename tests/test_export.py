@@ -6,6 +6,7 @@ track.npz files per the contract's schema (bench.export.synthetic_track)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -396,3 +397,16 @@ def test_cli_export(synthetic_model_dir, tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "b.glb").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("FLAMEFIT_BPY_PYTHON"),
+                    reason="set FLAMEFIT_BPY_PYTHON to a Python with bpy (Blender as a module) to run")
+def test_blender_importer_plays_split_morphs_exactly():
+    """Blender's own glTF importer (an optional, external check): with --morph split its armature +
+    shape-key animation reproduces FLAME's vertices; signed weights are clamped by Blender."""
+    from bench.export import blender_check
+
+    rows = {(r["model"], r["morph"]): r for r in blender_check(os.environ["FLAMEFIT_BPY_PYTHON"], n_frames=6)}
+    for model in ("stand-in", "synthetic"):
+        assert rows[(model, "split")]["max_mm"] < 0.1
+        assert rows[(model, "split")]["keyframes"] == 6
