@@ -466,7 +466,7 @@ def assets_install(path):
 @click.option("--out", "out", required=True, type=click.Path(),
               help="Output file (glb; obj/ply of a fit) or folder (obj/ply of a track: frame_0000.obj ...).")
 @click.option("--model", default=None, help="The model the fit/track was made with (default: resolved).")
-@click.option("--morph", type=click.Choice(["signed", "split"]), default="signed", show_default=True,
+@click.option("--morph", type=click.Choice(["signed", "split"]), default="split", show_default=True,
               help="glb morph targets: one per expression coefficient (signed weights), or a +/- pair each "
               "with weights in [0, 1] (for Blender, which clamps shape-key values).")
 @click.option("--correctives", type=click.Choice(["bake", "drop"]), default="bake", show_default=True,
@@ -484,7 +484,7 @@ def export(source, fmt, out, model, morph, correctives):
             what += f" (lost: max {r.corrective_max_mm:.3f} mm, mean {r.corrective_mean_mm:.3f} mm)"
     console.print(f"[green]wrote[/] {r.path} ({what})")
     if r.format == "glb" and morph == "signed":
-        console.print("note: Blender clamps negative shape-key values; for Blender export with --morph split")
+        console.print("note: Blender clamps shape-key values to [0, 1]; for Blender keep the default --morph split")
 
 
 if __name__ == "__main__":
