@@ -31,6 +31,7 @@ Rendering lives in fitter/; it is imported only inside the derivation.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ def load_dense_embedding(path: str | Path, model=None) -> DenseEmbedding:
             raw = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise AssetError(f"{label}: no such file; fix: check the path") from None
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise AssetError(f"{label}: not a readable .npz ({str(exc).splitlines()[0][:80]}); {_FIX}") from None
     if "lmk_face_idx" in raw and "landmark_indices" in raw:
         raw = _from_tracker_layout(raw, label)
@@ -304,30 +305,53 @@ def surface_points(verts: np.ndarray, faces: np.ndarray, face: np.ndarray, bary:
     return (verts[faces[face]] * np.asarray(bary)[:, :, None]).sum(1)
 
 
+def _screen_bary(pts: np.ndarray, tri: np.ndarray) -> np.ndarray:
+    """Barycentrics (unclipped) of points n x 2 in screen triangles n x 3 x 2."""
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+    v0, v1, v2 = b - a, c - a, pts - a
+    den = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
+    den = np.where(np.abs(den) < 1e-12, 1e-12, den)
+    bv = (v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / den
+    bw = (v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / den
+    return np.stack([1 - bv - bw, bv, bw], 1)
+
+
 def unproject(points2d: np.ndarray, screen: np.ndarray, faces: np.ndarray, pix_to_face: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
     """Which surface point a 2D point sees: points2d N x 2 (screen pixels, corner origin), screen V x 3
     (the render's screen-space vertices), faces F x 3, pix_to_face H x W (-1 empty) -> face N int64 (-1
     where the pixel is empty or outside) and bary N x 3 (the point's screen barycentrics in that
-    triangle, clipped into it)."""
+    triangle). The triangle is the one at the point's pixel centre, or, when the point itself lies
+    outside it, the neighbouring pixels' triangle that holds it (else the barycentrics are clipped)."""
     h, w = pix_to_face.shape
     pts = np.asarray(points2d, np.float64)
-    col, row = np.floor(pts[:, 0]).astype(int), np.floor(pts[:, 1]).astype(int)
-    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h) & np.isfinite(pts).all(1)
+    finite = np.isfinite(pts).all(1)
+    col = np.floor(np.where(finite, pts[:, 0], -1)).astype(int)
+    row = np.floor(np.where(finite, pts[:, 1], -1)).astype(int)
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
     face = np.full(len(pts), -1, np.int64)
     face[inside] = pix_to_face[row[inside], col[inside]]
     bary = np.zeros((len(pts), 3))
     hit = face >= 0
-    if hit.any():
-        tri = screen[faces[face[hit]], :2].astype(np.float64)  # n x 3 x 2
-        a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
-        v0, v1, v2 = b - a, c - a, pts[hit] - a
-        den = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
-        den = np.where(np.abs(den) < 1e-12, 1e-12, den)
-        bv = (v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / den
-        bw = (v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / den
-        bb = np.clip(np.stack([1 - bv - bw, bv, bw], 1), 0, None)
-        bary[hit] = bb / bb.sum(1, keepdims=True).clip(1e-12)
+    if not hit.any():
+        return face, bary
+    xy = screen[:, :2].astype(np.float64)
+    bary[hit] = _screen_bary(pts[hit], xy[faces[face[hit]]])
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            out = hit & (bary.min(1) < -1e-9)
+            if not out.any():
+                break
+            r, c = np.clip(row + dr, 0, h - 1), np.clip(col + dc, 0, w - 1)
+            other = np.where(out, pix_to_face[r, c], -1)
+            cand = other >= 0
+            if cand.any():
+                b = _screen_bary(pts[cand], xy[faces[other[cand]]])
+                better = b.min(1) > bary[cand].min(1)
+                idx = np.nonzero(cand)[0][better]
+                face[idx], bary[idx] = other[idx], b[better]
+    bb = np.clip(bary[hit], 0, None)
+    bary[hit] = bb / bb.sum(1, keepdims=True).clip(1e-12)
     return face, bary
 
 
@@ -524,12 +548,13 @@ def render_views(model, views=DEFAULT_VIEWS, res: int = RENDER_RES, seed: int = 
     return out
 
 
-def outer_faces(template: np.ndarray, faces: np.ndarray, res: int = 384,
+def outer_faces(template: np.ndarray, faces: np.ndarray, res: int = 512,
                 angles=((0, 0), (-35, 0), (35, 0), (-70, 0), (70, 0), (0, -30), (0, 30), (-35, 20), (35, 20))
                 ) -> np.ndarray:
     """F bool: the triangles of the neutral mesh (template V x 3, faces F x 3) that some orthographic view
     from the front half (yaw, pitch degrees) sees: the outer skin, not the inside of the mouth or the
-    lips' hidden inner faces, where no detector's point can be."""
+    lips' hidden inner faces, where no detector's point can be. Triangles too small to cover a pixel centre
+    count when they share a vertex with a seen one."""
     from fitter.render import rasterize
 
     seen = np.zeros(len(faces), bool)
@@ -545,7 +570,12 @@ def outer_faces(template: np.ndarray, faces: np.ndarray, res: int = 384,
         with torch.no_grad():
             p2f = rasterize(torch.as_tensor(screen, dtype=torch.float32)[None], f, res, res).pix_to_face[0]
         seen[np.unique(p2f[p2f >= 0].numpy())] = True
-    return seen
+    touched = np.zeros(len(template), bool)
+    touched[faces[seen].ravel()] = True
+    area = np.linalg.norm(np.cross(template[faces[:, 1]] - template[faces[:, 0]],
+                                   template[faces[:, 2]] - template[faces[:, 0]]), axis=1) / 2
+    pixel_area = (2 * half / res) ** 2
+    return seen | (touched[faces].any(1) & (area < pixel_area))
 
 
 def mediapipe_detector(image: np.ndarray, view: View | None = None) -> np.ndarray | None:
