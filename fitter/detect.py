@@ -299,16 +299,17 @@ def _mediapipe_once(image: np.ndarray) -> list[np.ndarray]:
             for face in result.multi_face_landmarks or []]
 
 
-def _full_range_boxes(image: np.ndarray) -> list[np.ndarray]:
+def _full_range_boxes(image: np.ndarray, tiles: bool = True) -> list[np.ndarray]:
     """Faces found by MediaPipe's full-range (small, distant faces) detector: [cx, cy, size] each, pixels.
 
     The detector sees the image at 192 x 192, so a face a sixth of a large frame is ~10 pixels there: if the
-    whole image gives nothing it scans overlapping tiles of 1/2, then 1/4 of the shorter side (stride half a
-    tile) and keeps the boxes of the first level that finds any (one per face: overlaps merged)."""
+    whole image gives nothing (and `tiles`) it scans overlapping tiles of 1/2, then 1/4 of the shorter side
+    (stride half a tile; none smaller than the detector's 192 px input) and keeps the boxes of the first
+    level that finds any (one per face: overlaps merged)."""
     h, w = image.shape[:2]
     boxes = _full_range_pass(image, 0.0, 0.0)
     for tile in (min(h, w) / 2, min(h, w) / 4):
-        if boxes or tile < 96:
+        if boxes or not tiles or tile < 192:
             break
         t, step = int(round(tile)), max(1, int(round(tile / 2)))
         for y0 in sorted({*range(0, max(1, h - t + 1), step), max(0, h - t)}):
@@ -404,11 +405,13 @@ def _attempts(image: np.ndarray):
             size = (round(img.shape[0] * k), round(img.shape[1] * k))
             yield _warp(flat, up, size), _compose(up, M)
         for source in (img, flat):
-            boxes = _full_range_boxes(source)
+            # the tile scan (dozens of detector passes) only on the upright contrast-normalised image:
+            # the full-range detector and FaceMesh take small faces turned by 90 degrees too
+            boxes = _full_range_boxes(source, tiles=first and source is flat)
             for box in boxes:
                 crop = np.array([box[0], box[1], box[2] * ZOOM_MARGIN])
                 C = crop_matrix(crop, ZOOM_RES)
-                yield _warp(img, C, (ZOOM_RES, ZOOM_RES)), _compose(C, M)
+                yield _warp(source, C, (ZOOM_RES, ZOOM_RES)), _compose(C, M)
             if boxes:
                 break
 
