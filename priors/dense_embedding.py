@@ -53,6 +53,8 @@ _FIX = "fix: delete it (flamefit derives a new one for the model) or install one
 #: (yaw, pitch) degrees of the derivation's renders
 DEFAULT_VIEWS = tuple((y, p) for p in (0.0, -15.0, 15.0) for y in (0.0, -15.0, 15.0, -30.0, 30.0))
 RENDER_RES = 512
+FACE_FILL = 1.03  # the 68 landmarks' extent in the renders, in units of half the image (about half of it)
+FACE_RAISE = 0.113  # the image centre sits this share of that extent above the landmarks' centre
 VISIBLE_COS = 0.25  # a view counts for a point when the estimated surface there faces it this much
 DEPTH_TOL = 0.004  # metres: the estimate is visible when no surface lies this much in front of it
 OUTLIER_M = 0.006  # hits this far from the estimate are dropped in the refinement rounds
@@ -518,6 +520,12 @@ def render_views(model, views=DEFAULT_VIEWS, res: int = RENDER_RES, seed: int = 
         lmk = vertices2landmarks(model.v_template[None], model.faces, model.full_faces[None],
                                  model.full_bary[None])[0].cpu().numpy()
     albedo = derivation_albedo(template, faces, weights, lmk, J[3:5])
+    # frame any model alike: the 68 landmarks span FACE_FILL of the image's half-width, centred a little
+    # below the middle (the stand-in: cam (7.0, 0, -0.01))
+    lo, hi = lmk[:, :2].min(0), lmk[:, :2].max(0)
+    extent = float((hi - lo).max())
+    centre = (lo + hi) / 2
+    cam = torch.tensor([[FACE_FILL / extent, -centre[0], -centre[1] - FACE_RAISE * extent]], dtype=torch.float32)
     eye_ids = np.nonzero(eyeball_vertices(weights)[faces].all(1))[0]
     yy, xx = np.mgrid[0:res, 0:res] / res
     bg = np.stack([0.30 + 0.10 * xx, 0.32 + 0.05 * yy, 0.36 - 0.08 * xx], 0)[None].astype(np.float32)
@@ -528,7 +536,7 @@ def render_views(model, views=DEFAULT_VIEWS, res: int = RENDER_RES, seed: int = 
             p.exp = torch.as_tensor(rng.normal(0, expression_sigma, (1, model.n_exp)), dtype=torch.float32)
             p.jaw_pose = torch.tensor([[float(rng.uniform(0.0, 0.08)), 0.0, 0.0]])
         p.global_pose = torch.tensor([[np.deg2rad(pitch), np.deg2rad(yaw), 0.0]], dtype=torch.float32)
-        p.cam = torch.tensor([[7.0, 0.0, -0.01]])
+        p.cam = cam
         p.light = preview_light(1)
         p.albedo = torch.as_tensor(albedo, dtype=torch.float32)[None]
         with torch.no_grad():

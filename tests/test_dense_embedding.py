@@ -345,3 +345,15 @@ def test_assets_install_and_doctor(tmp_path, monkeypatch, synthetic_model_dir):
     result = CliRunner().invoke(cli.main, ["assets", "install", str(src2)])
     assert result.exit_code == 3 and "made for mesh ffffffffffffffff" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+
+def test_a_head_the_detector_never_finds_gets_a_clear_error(synth):
+    from priors.flame import FlameModel
+
+    model = FlameModel(synth)
+    views = DE.render_views(model, ((0.0, 0.0), (15.0, 0.0)), res=128)
+    assert views[0].image.shape == (128, 128, 3) and (views[0].pix_to_face >= 0).any()
+    with pytest.raises(AssetError, match="fewer than 2 of its renders") as info:
+        DE.derive_dense_embedding(model, detector=lambda image, view: None, rendered=views)
+    assert "\n" not in str(info.value) and "assets install" in str(info.value)
