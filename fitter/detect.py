@@ -261,7 +261,8 @@ def detect_landmarks(image: np.ndarray, detector: str = "auto", device: str = "c
     else:
         raise AssetError(f"unknown detector '{detector}'; fix: use auto, fan, mediapipe or file")
     if not faces:
-        raise NoFaceError(f"no face found by {name}; fix: use a clearer, larger face, or give --landmarks")
+        tried = f" ({MEDIAPIPE_RETRIES})" if name == "mediapipe" else ""
+        raise NoFaceError(f"no face found by {name}{tried}; fix: use a clearer, larger face, or give --landmarks")
     faces.sort(key=lambda f: -float(np.prod(f.max(0) - f.min(0))))
     index = face_index or 0
     if not 0 <= index < len(faces):  # a negative index would silently pick the smallest face
@@ -282,6 +283,7 @@ RETRY_MIN_SIDE = 640  # images smaller than this are also tried upscaled to it
 ZOOM_RES = 512  # faces found by the full-range detector are cropped and zoomed to this size
 ZOOM_MARGIN = 2.2  # crop side over the detector's box side
 RETRY_ANGLES = (90.0, -90.0, 180.0, 30.0, -30.0)  # degrees, counter-clockwise in the image
+MEDIAPIPE_RETRIES = "also tried: contrast-normalised, upscaled, full-range detector zoom, rotated copies"
 
 
 def _mediapipe_once(image: np.ndarray) -> list[np.ndarray]:
@@ -388,22 +390,22 @@ def _warp(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int]) -> np.nd
 
 def _attempts(image: np.ndarray):
     """The retries after a failed first pass, cheapest and likeliest first: (image, 2 x 3 matrix from the
-    original) pairs, built lazily. Contrast-normalised, upscaled (small images), the full-range detector's
+    original, label) triples, built lazily. Contrast-normalised, upscaled (small images), the full-range detector's
     faces cropped and zoomed, then all of these on rotated copies."""
     h, w = image.shape[:2]
     eye = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
-    def variants(img: np.ndarray, M: np.ndarray, first: bool):
+    def variants(img: np.ndarray, M: np.ndarray, first: bool, turn: str):
         if not first:
-            yield img, M
+            yield img, M, turn.lstrip(", ")
         flat = normalise_contrast(img)
-        yield flat, M
+        yield flat, M, "contrast-normalised" + turn
         side = max(img.shape[:2])
         if side < RETRY_MIN_SIDE:
             k = RETRY_MIN_SIDE / side
             up = np.array([[k, 0.0, 0.0], [0.0, k, 0.0]])
             size = (round(img.shape[0] * k), round(img.shape[1] * k))
-            yield _warp(flat, up, size), _compose(up, M)
+            yield _warp(flat, up, size), _compose(up, M), "upscaled" + turn
         for source in (img, flat):
             # the tile scan (dozens of detector passes) only on the upright contrast-normalised image:
             # the full-range detector and FaceMesh take small faces turned by 90 degrees too
@@ -411,14 +413,14 @@ def _attempts(image: np.ndarray):
             for box in boxes:
                 crop = np.array([box[0], box[1], box[2] * ZOOM_MARGIN])
                 C = crop_matrix(crop, ZOOM_RES)
-                yield _warp(source, C, (ZOOM_RES, ZOOM_RES)), _compose(C, M)
+                yield _warp(source, C, (ZOOM_RES, ZOOM_RES)), _compose(C, M), "full-range detector zoom" + turn
             if boxes:
                 break
 
-    yield from variants(image, eye, first=True)
+    yield from variants(image, eye, first=True, turn="")
     for angle in RETRY_ANGLES:
         R, size = rotation_matrix(angle, (h, w))
-        yield from variants(_warp(image, R, size), R, first=False)
+        yield from variants(_warp(image, R, size), R, first=False, turn=f", rotated {angle:+.0f} deg")
 
 
 def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
@@ -434,15 +436,22 @@ def mediapipe_meshes(image: np.ndarray, retry: bool = True) -> list[np.ndarray]:
     none, and `retry`, it tries again (see _attempts: contrast normalisation for grey/dark photos, an
     upscaled copy of small images, the full-range detector's faces cropped and zoomed, rotated copies
     by RETRY_ANGLES) and returns the first attempt's faces, mapped back to the original image. [] if
-    every attempt fails."""
+    every attempt fails. mediapipe_meshes_how also says which attempt found them."""
+    return mediapipe_meshes_how(image, retry)[0]
+
+
+def mediapipe_meshes_how(image: np.ndarray, retry: bool = True) -> tuple[list[np.ndarray], str | None]:
+    """(mediapipe_meshes(image, retry), the attempt that found them: "first pass", e.g. "full-range
+    detector zoom" or "contrast-normalised, rotated +90 deg"; None when nothing was found), so that
+    callers can report a retry instead of changing results silently."""
     found = _mediapipe_once(image)
     if found or not retry:
-        return found
-    for img, M in _attempts(image):
+        return found, "first pass" if found else None
+    for img, M, label in _attempts(image):
         found = _mediapipe_once(img)
         if found:
-            return [warp_points_back(f, M) for f in found]
-    return []
+            return [warp_points_back(f, M) for f in found], label
+    return [], None
 
 
 def dense_point_weights(points3d: np.ndarray, neighbours: int = FAR_SIDE_NEIGHBOURS, floor: float = 0.0) -> np.ndarray:
@@ -485,8 +494,8 @@ def detect_landmarks_dense(image: np.ndarray, face_index: int | None = None
     """
     meshes = mediapipe_meshes(image)
     if not meshes:
-        raise NoFaceError("no face found by mediapipe (also tried: contrast-normalised, upscaled, full-range "
-                          "detector zoom, rotated copies); fix: use a clearer, larger face, or give --landmarks")
+        raise NoFaceError(f"no face found by mediapipe ({MEDIAPIPE_RETRIES}); fix: use a clearer, larger face, or "
+                          "give --landmarks")
     faces = sorted(((mesh_to_ibug68(m[:N_MESH, :2]), m) for m in meshes),
                    key=lambda f: -float(np.prod(f[0].max(0) - f[0].min(0))))  # as detect_landmarks
     index = face_index or 0

@@ -115,6 +115,10 @@ def test_small_grey_face_is_found_on_the_face(astronaut):
     canvas, M = _small_grey(astronaut)
     assert D.mediapipe_meshes(canvas, retry=False) == []  # the plain detector misses it
     found = detect_landmarks(canvas, "mediapipe")
+    meshes, how = D.mediapipe_meshes_how(canvas)
+    assert how == "full-range detector zoom" and len(meshes) == 1
+    assert D.mediapipe_meshes_how(astronaut)[1] == "first pass"
+    assert D.mediapipe_meshes_how(np.full((240, 320, 3), 128, np.uint8)) == ([], None)
     expected = reference @ M[:, :2].T + M[:, 2]
     assert _nme(found, expected) < 0.05  # measured 0.014
 
