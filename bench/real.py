@@ -83,7 +83,8 @@ def summarise(rows: list[dict]) -> dict:
     out = {"images": len(rows), "fitted": len(ok), "fit_nme": mean("fit_nme", ok),
            "detector_nme": mean("detector_nme", ok)}
     if any("yaw" in r for r in ok):
-        out["by_yaw"] = {b: {"images": len(rs), "fit_nme": mean("fit_nme", rs), "detector_nme": mean("detector_nme", rs)}
+        out["by_yaw"] = {b: {"images": len(rs), "fit_nme": mean("fit_nme", rs),
+                             "detector_nme": mean("detector_nme", rs)}
                          for b in BINS for rs in [[r for r in ok if r.get("yaw_bin") == b]]}
     return out
 

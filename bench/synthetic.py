@@ -142,7 +142,8 @@ def whole_face_region(model: FlameModel) -> np.ndarray:
     On the neutral template seen from the front: vertices whose normal faces the camera
     (normal z > 0), above the jaw contour (iBUG 0..16, fixed contour), between the two ends
     of that contour (the ears: 0 and 16 sit at the tragus) and below the forehead line, set at
-    the brows + 0.6 x (chin-to-brow height) (about the hairline); eyeballs excluded. Forehead
+    the brows + 0.45 x (chin-to-brow height) (about the hairline:
+    the three facial thirds are about equal); eyeballs excluded. Forehead
     to chin, ear to ear front-facing; ears, neck and the back of the head are out.
     """
     import cv2
@@ -156,7 +157,7 @@ def whole_face_region(model: FlameModel) -> np.ndarray:
     v = out.vertices[0].numpy()
     lmk = out.landmarks3d_full[0].numpy()
     brow_y = float(lmk[17:27, 1].mean())
-    top = brow_y + 0.6 * (brow_y - float(lmk[8, 1]))
+    top = brow_y + 0.45 * (brow_y - float(lmk[8, 1]))
     jaw = lmk[0:17, :2]
     poly = np.concatenate([jaw, [[jaw[-1, 0], top], [jaw[0, 0], top]]]).astype(np.float32)
     inside = np.array([cv2.pointPolygonTest(poly, (float(x), float(y)), False) >= 0 for x, y in v[:, :2]])
