@@ -185,10 +185,7 @@ class Pinhole:
     cy: float
     t: np.ndarray  # (3,) metres: camera-from-model translation, t[2] < 0 (the head in front)
     size: int  # square image side, pixels
-
-    @property
-    def distance(self) -> float:
-        return float(-self.t[2])
+    distance: float = float("nan")  # metres from the camera to the face region's centre (as drawn)
 
     def K(self) -> np.ndarray:
         """OpenCV intrinsics (3, 3) for these pixels (camera axes x right, y down, z forward)."""
@@ -216,7 +213,7 @@ def random_pinhole(model: FlameModel, params: FitParams, rng: np.random.Generato
     centre = true_vertices(model, params)[region].mean(0)
     shift = rng.uniform(-0.05, 0.05, 2) * size  # pixels
     t = np.array([-centre[0] + shift[0] * d / f, -centre[1] - shift[1] * d / f, -centre[2] - d])
-    return Pinhole(focal=f, cx=size / 2, cy=size / 2, t=t, size=size)
+    return Pinhole(focal=f, cx=size / 2, cy=size / 2, t=t, size=size, distance=d)
 
 
 # ----------------------------------------------------------------------------- an independent renderer
@@ -278,28 +275,31 @@ def clutter_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def paint_mesh(screen: np.ndarray, faces: np.ndarray, colours: np.ndarray, size: int, camera_points: np.ndarray,
-               supersample: int = 2) -> tuple[np.ndarray, np.ndarray]:
+               supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Painter's-algorithm rasterizer with OpenCV (independent of fitter.render).
 
     screen V x 3 (x, y pixels, depth), faces F x 3 (counter-clockwise seen from outside),
-    colours V x 3 linear [0, 1], camera_points V x 3 (camera space, for back-face culling:
-    a triangle is drawn when its outward normal points at the camera) -> (premultiplied
+    colours V x 3 linear [0, 1], camera_points V x 3 (camera space: a triangle whose outward
+    normal points away from the camera is the inside of the head, seen through the mouth and
+    eye openings, and is drawn dark) -> (premultiplied
     colour size x size x 3, coverage size x size), flat colour per triangle (the corner mean),
-    drawn far to near at `supersample` x the size and area-averaged down.
+    drawn far to near at `supersample` x the size and area-averaged down. OpenCV also fills a
+    pixel whose centre lies within half a (supersampled) pixel outside an edge, so shapes grow by
+    0.5 / supersample px on every side (0.125 px at the default 4), without a shift.
     """
     import cv2
 
     tri = camera_points[faces]  # F x 3 x 3
     normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     facing = (normal * -tri.mean(1)).sum(1) > 0
-    order = np.nonzero(facing)[0]
-    order = order[np.argsort(-screen[faces[order], 2].mean(1))]  # far first
+    order = np.argsort(-screen[faces, 2].mean(1))  # far first
     big = size * supersample
     canvas = np.zeros((big, big, 4), np.float32)
     shift = 4
     # pixel centres sit at +0.5 in our convention and at integers in OpenCV's
     pts = np.round((screen[:, :2] * supersample - 0.5) * (1 << shift)).astype(np.int32)
     col = np.concatenate([colours[faces].mean(1), np.ones((len(faces), 1))], axis=1)
+    col[~facing, :3] *= 0.08  # inside of the head (seen through the mouth and eye openings): dark
     for f in order:
         cv2.fillConvexPoly(canvas, pts[faces[f]], tuple(float(c) for c in col[f]), cv2.LINE_8, shift)
     small = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA)
