@@ -90,9 +90,10 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: str = "auto",
-                  overlays: Path | None = None, overrides=()) -> dict:
+                  overlays: Path | None = None, overrides=(), R_ms: float | None = None) -> dict:
     """Fit a labelled folder with the default detector; returns {folder, protocol, recipe, per_image,
-    summary, seconds_per_image} (NME as fractions, not %)."""
+    summary, seconds_per_image (wall, detection included), R_per_image (when R_ms is given)}
+    (NME as fractions, not %)."""
     from fitter.outputs import write_fit_outputs
 
     folder = Path(folder)
@@ -115,9 +116,12 @@ def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: s
             if overlays is not None:
                 write_fit_outputs(Path(overlays) / f"real-{recipe}", r, flame)
         rows.append(row)
-    return {"folder": str(folder), "protocol": proto, "recipe": recipe,
-            "nme": "box sqrt(w*h)" if proto == "aflw" else "inter-ocular (36-45)",
-            "seconds_per_image": wall / max(len(pairs), 1), "summary": summarise(rows), "per_image": rows}
+    out = {"folder": str(folder), "protocol": proto, "recipe": recipe,
+           "nme": "box sqrt(w*h)" if proto == "aflw" else "inter-ocular (36-45)",
+           "seconds_per_image": wall / max(len(pairs), 1), "summary": summarise(rows), "per_image": rows}
+    if R_ms:
+        out["R_per_image"] = out["seconds_per_image"] * 1000 / R_ms
+    return out
 
 
 def show(records: list[dict], console=None) -> None:
@@ -138,7 +142,8 @@ def show(records: list[dict], console=None) -> None:
                 t.add_row(r["image"], yaw, "not fitted", r["error"][:60], "")
             else:
                 t.add_row(r["image"], yaw, pct(r["fit_nme"]), pct(r["detector_nme"]), f"{r['seconds']:.1f}")
-        t.add_row("mean", "", pct(s["fit_nme"]), pct(s["detector_nme"]), f"{rec['seconds_per_image']:.1f}")
+        per = f"{rec['seconds_per_image']:.1f}" + (f" ({rec['R_per_image']:.0f} R)" if "R_per_image" in rec else "")
+        t.add_row(f"mean ({s['fitted']}/{s['images']} fitted)", "", pct(s["fit_nme"]), pct(s["detector_nme"]), per)
         for b, v in s.get("by_yaw", {}).items():
             t.add_row(f"|yaw| {b} ({v['images']})", "", pct(v["fit_nme"]), pct(v["detector_nme"]), "")
         console.print(t)
@@ -153,11 +158,14 @@ def main(argv=None):
     ap.add_argument("--overlays", type=Path, default=None, help="write each fit's outputs (overlay.png) here")
     ap.add_argument("--model", default=None)
     args = ap.parse_args(argv)
+    from .fit import measure_R
+
     model = load_flame(args.model)
-    records = [evaluate_real(f, rec, model, args.protocol, args.overlays)
+    R_ms = measure_R(model)
+    records = [evaluate_real(f, rec, model, args.protocol, args.overlays, R_ms=R_ms)
                for rec in args.recipes.split(",") for f in args.folders]
     if args.json:
-        print(json.dumps({"real": records}))
+        print(json.dumps({"real": records, "R_ms": R_ms}))
     else:
         show(records)
     return records
