@@ -222,6 +222,8 @@ def run(args) -> dict:
             out["results"].append({"section": "meanface", "recipe": "none (template)",
                                    "face_error_mm": float(np.mean([r["face_error_mm"] for r in rows])),
                                    "face_inner_mm": float(np.mean([r["face_inner_mm"] for r in rows])),
+                                   "face_error_mm_yaw30": float(np.mean([r["face_error_mm"] for r in rows
+                                                                         if abs(r["yaw"]) <= 30.5])),
                                    "fitted": len(rows), "cases": len(rows), "per_case": rows})
         for recipe in recipes:
             if "pinhole" not in skip:
