@@ -313,7 +313,8 @@ def render_pinhole(model: FlameModel, params: FitParams, cam: Pinhole, rng: np.r
     light, painted over a cluttered background, slight blur and sensor noise.
 
     Returns image (size, size, 3) uint8, landmarks2d 68 x 2 (dynamic contour, the 300-W
-    silhouette convention, as the model's landmarks3d), landmarks3d 68 x 2 (fixed contour,
+    silhouette convention, as the model's landmarks3d; past the model's contour table, +-39
+    degrees of yaw for the stand-in, its last row), landmarks3d 68 x 2 (fixed contour,
     the 3D/AFLW2000-3D convention), vertices V x 3 (posed model space), camera (Pinhole).
     """
     import cv2
