@@ -9,6 +9,9 @@ away and filling 40-60 % of the 512 px frame height. Sections (each can be skipp
 - pinhole:  fitted with their exact 68 landmarks given (dynamic contour, the fit's convention);
 - detector: the same renders fitted as a user runs it, no landmarks given (`detector="auto"`);
 - meanface: the mean face (zero shape, expression, jaw; posed like nothing) with no fit, for scale;
+- oracle:   the landmark-only optimum, bench.synthetic.landmark_oracle (shape + expression by linear
+            least squares from the 68 points with the TRUE camera and pose): the true points, and
+            the detector's (when the detector section ran): what a fit from landmarks can reach;
 - ortho:    (only with --ortho) the old generator: the fit's own orthographic camera and renderer;
 - throughput, sgd, occlusion: images/s by batch size, Adam vs SGD, GridMask occlusion (pinhole cases);
 - real:     `--real DIR` labelled photos, fit vs detector NME (see bench.real).
@@ -37,10 +40,10 @@ from rich.table import Table
 from fitter.fit import fit_images, fit_targets, load_flame, make_setup, prepare_target
 from fitter.recipe import load_recipe
 
-from .synthetic import (face_error_mm, face_region, grid_mask, nme_box, nme_iod, ortho_case, random_params,
-                        random_pinhole, region_height, render_pinhole, whole_face_region, write_case)
+from .synthetic import (face_error_mm, face_region, grid_mask, landmark_oracle, nme_box, nme_iod, ortho_case,
+                        random_params, random_pinhole, region_height, render_pinhole, whole_face_region, write_case)
 
-SECTIONS = ("pinhole", "detector", "meanface", "throughput", "sgd", "occlusion")
+SECTIONS = ("pinhole", "detector", "meanface", "oracle", "throughput", "sgd", "occlusion")
 REGION_TEXT = ("whole face: neutral-template vertices facing the camera, above the jaw contour, between its ends "
                "(ears) and below brows + 0.45 x chin-to-brow height; eyeballs excluded")
 
@@ -53,6 +56,8 @@ class Case:
     landmarks2d: np.ndarray  # 68 x 2 true, dynamic contour (original pixels)
     landmarks3d: np.ndarray  # 68 x 2 true, fixed contour
     info: dict  # yaw, distance, focal, fill
+    params: object = None  # the true FitParams
+    camera: object = None  # the true bench.synthetic.Pinhole (None for ortho renders)
 
 
 def case_yaws(n: int, wide: int = 0, yaw_max: float = 30.0) -> list[float]:
@@ -80,7 +85,7 @@ def make_cases(model, n: int, folder: Path, seed: int = 0, occlude: bool = False
             info = {"yaw": yaw, "camera": "ortho"}
         image = grid_mask(r["image"], rng) if occlude else r["image"]
         path = write_case(folder, f"case{k:02d}", image, r["landmarks2d"])
-        cases.append(Case(path.stem, path, r["vertices"], r["landmarks2d"], r["landmarks3d"], info))
+        cases.append(Case(path.stem, path, r["vertices"], r["landmarks2d"], r["landmarks3d"], info, p, r["camera"]))
     return cases
 
 
@@ -190,6 +195,35 @@ def _detector_name() -> str:
         return f"none ({exc})"
 
 
+def oracle_rows(model, cases: list[Case], regions: dict, targets: list | None = None) -> list[dict]:
+    """landmark_oracle per case (true camera and pose; shape + expression from 68 points): the true
+    landmarks, or `targets` (68 x 2 each, e.g. the detector's points; None entries are skipped),
+    weighted against the priors by their actual noise."""
+    rows = []
+    for k, c in enumerate(cases):
+        lmk = c.landmarks2d if targets is None else targets[k]
+        if lmk is None:
+            rows.append({"case": c.name, **c.info, "error": "no target points"})
+            continue
+        # the oracle also knows the points' noise: sigma = their per-coordinate RMS error (>= 1 px)
+        sigma = max(1.0, rmse(lmk, c.landmarks2d) / np.sqrt(2))
+        v = landmark_oracle(model, c.params, c.camera, np.asarray(lmk, np.float64), sigma_px=sigma)
+        rows.append({"case": c.name, **c.info, "sigma_px": sigma,
+                     "face_error_mm": face_error_mm(v, c.vertices, regions["whole"]),
+                     "face_inner_mm": face_error_mm(v, c.vertices, regions["inner"])})
+    return rows
+
+
+def _means(rows: list[dict]) -> dict:
+    ok = [r for r in rows if "error" not in r]
+    out = {"fitted": len(ok), "cases": len(rows)}
+    for k in ("face_error_mm", "face_inner_mm"):
+        out[k] = float(np.mean([r[k] for r in ok])) if ok else None
+    core = [r["face_error_mm"] for r in ok if abs(r["yaw"]) <= 30.5]
+    out["face_error_mm_yaw30"] = float(np.mean(core)) if core else None
+    return out
+
+
 def run(args) -> dict:
     """The whole benchmark for parsed arguments (see main); returns the JSON record."""
     torch.manual_seed(0)
@@ -219,12 +253,13 @@ def run(args) -> dict:
                 (Path(args.keep_renders) / c.path.name).write_bytes(c.path.read_bytes())
         if "meanface" not in skip:
             rows = mean_face_rows(model, cases, regions)
-            out["results"].append({"section": "meanface", "recipe": "none (template)",
-                                   "face_error_mm": float(np.mean([r["face_error_mm"] for r in rows])),
-                                   "face_inner_mm": float(np.mean([r["face_inner_mm"] for r in rows])),
-                                   "face_error_mm_yaw30": float(np.mean([r["face_error_mm"] for r in rows
-                                                                         if abs(r["yaw"]) <= 30.5])),
-                                   "fitted": len(rows), "cases": len(rows), "per_case": rows})
+            out["results"].append({"section": "meanface", "recipe": "none (template)", **_means(rows),
+                                   "per_case": rows})
+        if "oracle" not in skip:
+            rows = oracle_rows(model, cases, regions)
+            out["results"].append({"section": "oracle", "recipe": "linear LSQ, true camera + pose",
+                                   "landmarks": "true", **_means(rows), "per_case": rows})
+        detector_targets = None
         for recipe in recipes:
             if "pinhole" not in skip:
                 rows, wall, _ = evaluate(model, cases, recipe, regions)
@@ -232,12 +267,18 @@ def run(args) -> dict:
             if "detector" not in skip:
                 rows, wall, results = evaluate(model, cases, recipe, regions, detector=True)
                 add("detector", recipe, rows, wall, landmarks="detector (auto)")
+                if detector_targets is None:
+                    detector_targets = [None if isinstance(r, Exception) else r.landmarks2d_target for r in results]
                 if args.overlays:
                     from fitter.outputs import write_fit_outputs
 
                     for r in results:
                         if not isinstance(r, Exception):
                             write_fit_outputs(Path(args.overlays) / f"detector-{recipe}", r, model)
+        if detector_targets is not None and "oracle" not in skip:
+            rows = oracle_rows(model, cases, regions, detector_targets)
+            out["results"].append({"section": "oracle", "recipe": "linear LSQ, true camera + pose",
+                                   "landmarks": "detector", **_means(rows), "per_case": rows})
         if args.ortho:
             ortho = make_cases(model, args.cases, Path(tmp) / "ortho", seed=args.seed, camera="ortho", wide=args.wide)
             for recipe in recipes:

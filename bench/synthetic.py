@@ -368,3 +368,55 @@ def yaw_bin(yaw_deg: float) -> str:
     """AFLW2000-3D's |yaw| bins: '0-30', '30-60', '60-90'."""
     a = abs(float(yaw_deg))
     return "0-30" if a < 30 else "30-60" if a < 60 else "60-90"
+
+
+# ----------------------------------------------------------------------------- the landmark-only optimum
+def landmark_oracle(model: FlameModel, params: FitParams, cam: Pinhole, target: np.ndarray, sigma_px: float = 1.0,
+                    shape_sd: float = 1.0, exp_sd: float = 0.8) -> np.ndarray:
+    """Posed vertices V x 3 of landmark_oracle_coeffs' solve (true pose)."""
+    c = landmark_oracle_coeffs(model, params, cam, target, sigma_px, shape_sd, exp_sd)
+    p = FitParams.initial(1, model.n_shape, model.n_exp, model.n_verts)
+    p.shape, p.exp = (torch.as_tensor(x, dtype=torch.float32)[None] for x in (c[:model.n_shape], c[model.n_shape:]))
+    p.global_pose, p.neck_pose, p.jaw_pose, p.eye_pose = (params.global_pose, params.neck_pose, params.jaw_pose,
+                                                          params.eye_pose)
+    return true_vertices(model, p)
+
+
+def landmark_oracle_coeffs(model: FlameModel, params: FitParams, cam: Pinhole, target: np.ndarray,
+                           sigma_px: float = 1.0, shape_sd: float = 1.0, exp_sd: float = 0.8,
+                           rounds: int = 3) -> np.ndarray:
+    """What 68 landmarks alone can give: shape and expression (n_shape + n_exp,) solved by linear
+    least squares with the TRUE camera and the true pose (global, neck, jaw, eyes) held fixed.
+
+    For a fixed pose the posed landmarks are exactly affine in (shape, exp) (blendshapes, joints and
+    skinning are linear in them), so their Jacobian comes from one batched evaluation at the unit
+    vectors. The pinhole residual of point k is linearised algebraically, (u - cx) * depth - f * X and
+    (cy - v) * depth - f * Y, divided by the current depth of the point (px) and by sigma_px, and
+    re-solved `rounds` times with the depths updated; the Gaussian priors shape ~ N(0, shape_sd^2),
+    exp ~ N(0, exp_sd^2) (the test faces' own distributions) make it a MAP estimate.
+    target: 68 x 2 pixels in the dynamic-contour convention (the fit's landmarks2d).
+    """
+    ns, ne = model.n_shape, model.n_exp
+    n = ns + ne
+    coeffs = torch.cat([torch.zeros(1, n), torch.eye(n)])
+    rep = lambda x: x.expand(n + 1, *x.shape[1:])  # noqa: E731
+    with torch.no_grad():
+        lmk = model(coeffs[:, :ns], coeffs[:, ns:], rep(params.global_pose), rep(params.neck_pose),
+                    rep(params.jaw_pose), rep(params.eye_pose), lean=True).landmarks3d.double().numpy()
+    base = lmk[0] + cam.t  # 68 x 3, camera space at zero coefficients
+    J = (lmk[1:] - lmk[0]).transpose(1, 2, 0)  # 68 x 3 x n
+    du, dv = target[:, 0] - cam.cx, cam.cy - target[:, 1]
+    prior = np.diag(np.concatenate([np.full(ns, 1 / shape_sd), np.full(ne, 1 / exp_sd)]))
+    c = np.zeros(n)
+    for _ in range(rounds):
+        depth = -(base[:, 2] + J[:, 2] @ c)
+        w = 1.0 / (depth * sigma_px)
+        # (du * -(Z) - f X) and (dv * -(Z) - f Y), Z = base_z + J_z c, X = base_x + J_x c
+        ax = (-du[:, None] * J[:, 2] - cam.focal * J[:, 0]) * w[:, None]
+        bx = -(-du * base[:, 2] - cam.focal * base[:, 0]) * w
+        ay = (-dv[:, None] * J[:, 2] - cam.focal * J[:, 1]) * w[:, None]
+        by = -(-dv * base[:, 2] - cam.focal * base[:, 1]) * w
+        A = np.concatenate([ax, ay, prior])
+        b = np.concatenate([bx, by, np.zeros(n)])
+        c = np.linalg.lstsq(A, b, rcond=None)[0]
+    return c

@@ -142,3 +142,40 @@ def test_pinhole_camera_fills_the_frame(standin_model):
     assert height == pytest.approx(0.5 * np.ptp(verts[:, 1])
                                    / region_height(model, region), rel=0.1)
     assert np.abs(px[:, :2].mean(0) - cam.size / 2).max() < 0.07 * cam.size
+
+
+
+def _map_objective(model, params, cam, target, coeffs):
+    """Exact pinhole reprojection error (px, sigma 1)^2 + the Gaussian priors, at (shape, exp) coeffs."""
+    import torch
+
+    ns = model.n_shape
+    shape = torch.as_tensor(coeffs[:ns], dtype=torch.float32)[None]
+    exp = torch.as_tensor(coeffs[ns:], dtype=torch.float32)[None]
+    with torch.no_grad():
+        lmk = model(shape, exp, params.global_pose, params.neck_pose, params.jaw_pose,
+                    params.eye_pose).landmarks3d[0].numpy()
+    px = pinhole_project(lmk, cam)[:, :2]
+    return float(((px - target) ** 2).sum() + (coeffs[:ns] ** 2).sum() + ((coeffs[ns:] / 0.8) ** 2).sum())
+
+
+def test_landmark_oracle_is_the_map_optimum(standin_model):
+    """The oracle's solve scores better than the true coefficients on its own objective (and better than
+    nearby perturbations of itself), and from 1-px-noisy points of a face lands far closer than the mean face."""
+    from bench.synthetic import landmark_oracle, landmark_oracle_coeffs, render_pinhole
+
+    model = standin_model
+    region = whole_face_region(model)
+    rng = np.random.default_rng(5)
+    p = random_params(model, rng, yaw_deg=20.0)
+    cam = random_pinhole(model, p, rng, region=region)
+    r = render_pinhole(model, p, cam, rng)
+    target = r["landmarks2d"].astype(np.float64) + rng.normal(0, 1.0, (68, 2))
+    c = landmark_oracle_coeffs(model, p, cam, target)
+    best = _map_objective(model, p, cam, target, c)
+    truth_c = np.concatenate([p.shape[0].numpy(), p.exp[0].numpy()])
+    assert best < _map_objective(model, p, cam, target, truth_c)
+    for _ in range(3):
+        assert best <= _map_objective(model, p, cam, target, c + rng.normal(0, 0.05, c.shape)) + 1e-3
+    err = face_error_mm(landmark_oracle(model, p, cam, target), r["vertices"], region)
+    assert err < 0.5 * face_error_mm(model.v_template.numpy(), r["vertices"], region)
