@@ -351,7 +351,7 @@ def show(out: dict) -> None:
     console = Console()
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else ""  # noqa: E731
     t = Table("section", "setting", "fitted", "face mm", "max", "inner mm", "lmk RMSE px", "target RMSE px",
-              "s / image", "R / image", "stages: iterations @ R/iteration",
+              "s / image", "R / image",
               title=f"bench.fit: {out['cases']}+{out['wide']} pinhole cases, {out['model'].split()[0]}, "
                     f"{out['threads']} threads, R = {out['R_ms_start']:.1f} ms (end {out['R_ms_end']:.1f})")
     for r in out["results"]:
@@ -362,19 +362,20 @@ def show(out: dict) -> None:
             setting = f"{r['optimizer']}, lr x{r['lr_scale']:g}"
         elif r["section"] == "occlusion":
             setting = f"{r['photometric']} / {r['images']}"
-        stages = "  ".join(f"{s['name']} {s['iterations']:.0f} @ {s['R_per_iteration']:.2f}"
-                           for s in r.get("stages", []))
         t.add_row(r["section"], setting, f"{r['fitted']}/{r['cases']}" if "fitted" in r else "",
                   f(r, "face_error_mm", ".2f"), f(r, "face_error_mm_max", ".2f"), f(r, "face_inner_mm", ".2f"),
                   f(r, "landmark_rmse_px", ".2f"), f(r, "target_rmse_px", ".2f"), f(r, "seconds_per_image", ".2f"),
-                  f(r, "R_per_image", ".0f"), stages)
+                  f(r, "R_per_image", ".0f"))
     console.print(t)
     console.print(f"face error: {out['face_region']} ({out['face_region_vertices']} vertices), after similarity "
                   f"alignment; inner = the older region ({out['inner_region_vertices']} vertices)")
     for r in out["results"]:
-        if r["section"] in ("pinhole", "detector", "ortho"):
-            console.print(f"{r['section']:>8} {r['recipe']:<8} per case mm: " + " ".join(
+        if r["section"] in ("pinhole", "detector", "ortho", "oracle"):
+            console.print(f"{r['section']} {r['recipe']} ({r.get('landmarks', '')}) per case mm: " + " ".join(
                 f"{c['face_error_mm']:.2f}" if "face_error_mm" in c else "FAIL" for c in r["per_case"]))
+        if r.get("stages"):
+            console.print(f"{r['section']} {r['recipe']} stages (iterations @ R / iteration): " + ", ".join(
+                f"{s['name']} {s['iterations']:.0f} @ {s['R_per_iteration']:.2f}" for s in r["stages"]))
     if out.get("real"):
         from .real import show as show_real
 
