@@ -257,7 +257,7 @@ def run(args) -> dict:
                                    "per_case": rows})
         if "oracle" not in skip:
             rows = oracle_rows(model, cases, regions)
-            out["results"].append({"section": "oracle", "recipe": "linear LSQ, true camera + pose",
+            out["results"].append({"section": "oracle", "recipe": "lsq-true-camera",
                                    "landmarks": "true", **_means(rows), "per_case": rows})
         detector_targets = None
         for recipe in recipes:
@@ -277,7 +277,7 @@ def run(args) -> dict:
                             write_fit_outputs(Path(args.overlays) / f"detector-{recipe}", r, model)
         if detector_targets is not None and "oracle" not in skip:
             rows = oracle_rows(model, cases, regions, detector_targets)
-            out["results"].append({"section": "oracle", "recipe": "linear LSQ, true camera + pose",
+            out["results"].append({"section": "oracle", "recipe": "lsq-true-camera",
                                    "landmarks": "detector", **_means(rows), "per_case": rows})
         if args.ortho:
             ortho = make_cases(model, args.cases, Path(tmp) / "ortho", seed=args.seed, camera="ortho", wide=args.wide)
@@ -362,6 +362,8 @@ def show(out: dict) -> None:
             setting = f"{r['optimizer']}, lr x{r['lr_scale']:g}"
         elif r["section"] == "occlusion":
             setting = f"{r['photometric']} / {r['images']}"
+        elif r["section"] == "oracle":
+            setting = f"{r['landmarks']} points"
         t.add_row(r["section"], setting, f"{r['fitted']}/{r['cases']}" if "fitted" in r else "",
                   f(r, "face_error_mm", ".2f"), f(r, "face_error_mm_max", ".2f"), f(r, "face_inner_mm", ".2f"),
                   f(r, "landmark_rmse_px", ".2f"), f(r, "target_rmse_px", ".2f"), f(r, "seconds_per_image", ".2f"),
