@@ -237,7 +237,7 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
         needs_render = any(TERMS[t].needs_render for t, w in stage.weights.items() if w > 0)
         pred = synthesize(setup.model, chunk, res, render=needs_render,
                           background=tgt.image if needs_render else None, lean=True,
-                          albedo_model=setup.albedo_model)
+                          albedo_model=setup.albedo_model, maps=False)
         extra = {**setup.extra, "set_shapes": params.shape, "rows": rows}
         ctx = Context(chunk, pred, tgt, res, extra)
         terms = {name: w * TERMS[name].fn(ctx) for name, w in stage.weights.items() if w > 0}

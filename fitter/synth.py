@@ -21,7 +21,7 @@ def model_output(model: FlameModel, params: FitParams, lean: bool = False):
 
 
 def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = True,
-               background: Tensor | None = None, lean: bool = False, albedo_model=None) -> dict:
+               background: Tensor | None = None, lean: bool = False, albedo_model=None, maps: bool = True) -> dict:
     """Evaluate a fit at crop resolution `res`.
 
     Returns vertices B x V x 3 (model space), landmarks2d B x 68 x 2 (crop pixels, silhouette
@@ -31,7 +31,8 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     composited over `background` B x 3 x res x res or black), alpha B x 1 x res x res (soft),
     shading B x 3 x res x res (irradiance x alpha), normals B x 3 x res x res (interpolated
     unit vertex normals, model/camera axes, x alpha), depth B x 1 x res x res (smaller = nearer,
-    0 where empty), pix_to_face B x res x res.
+    0 where empty), pix_to_face B x res x res. maps=False leaves out shading and normals (the fit's
+    loss terms do not look at them; three channels render faster than nine).
 
     params.albedo B x V x 3 is per-vertex colour (interpolated like the shading);
     params.albedo B x K are coefficients of `albedo_model`, a fitter.albedo.TextureAlbedo
@@ -53,17 +54,19 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
         if getattr(albedo_model, "kind", None) != "texture":
             raise UsageError(f"albedo holds {params.albedo.shape[1]} texture-space coefficients but no texture "
                              "space was given; fix: pass the fit's albedo model (fitter.albedo)")
-        out_r = render_textured(screen, faces, albedo_model, params.albedo, torch.cat([shade, normals], -1), res, res)
+        extra = torch.cat([shade, normals], -1) if maps else shade
+        out_r = render_textured(screen, faces, albedo_model, params.albedo, extra, res, res)
     else:
-        colors = torch.cat([params.albedo * shade, shade, normals], dim=-1)  # B x V x 9: colour, shading, normal
+        colors = params.albedo * shade
+        if maps:  # B x V x 9: colour, shading, normal
+            colors = torch.cat([colors, shade, normals], dim=-1)
         out_r = render_mesh(screen, faces, colors, res, res)  # premultiplied by the soft alpha
     alpha = out_r["alpha"]
     image = out_r["image"][:, :3]
     pred.update(
         image=image if background is None else image + (1 - alpha) * background,
         alpha=alpha,
-        shading=out_r["image"][:, 3:6],
-        normals=out_r["image"][:, 6:9],
+        **({"shading": out_r["image"][:, 3:6], "normals": out_r["image"][:, 6:9]} if maps else {}),
         depth=out_r["depth"],
         pix_to_face=out_r["pix_to_face"],
         screen=screen,

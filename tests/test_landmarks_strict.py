@@ -132,6 +132,8 @@ def test_degenerate_detector_landmarks_name_the_image(tmp_path, monkeypatch):
     image = tmp_path / "photo.png"
     io.write_png(image, np.full((200, 200, 3), 128, np.uint8))
     monkeypatch.setattr(detect, "detect_landmarks", lambda *a, **k: np.full((68, 2), 50.0, np.float32))
+    monkeypatch.setattr(detect, "detect_landmarks_dense", lambda *a, **k: (
+        np.full((68, 2), 50.0, np.float32), np.full((478, 2), 50.0, np.float32), np.ones(478, np.float32)))
     with pytest.raises(LandmarkError) as info:
         prepare_target(image, 96, None, detector="mediapipe")
     assert "same point" in one_line(info.value, image)

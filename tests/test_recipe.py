@@ -18,7 +18,8 @@ def test_builtin_recipes_load():
 
 def test_override_sets_a_field():
     r = load_recipe("default", ["stages.photometric.weights.photo=4", "resolution=128"])
-    assert r.stages[2].weights["photo"] == 4.0 and r.resolution == 128
+    photometric = next(s for s in r.stages if s.name == "photometric")
+    assert photometric.weights["photo"] == 4.0 and r.resolution == 128
 
 
 @pytest.mark.parametrize("override,needle", [
