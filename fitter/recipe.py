@@ -48,6 +48,7 @@ SHAPE_MODES = ("shared", "consistency")
 TOP_KEYS = {
     "description": str, "resolution": int, "perceptual": str, "lr": dict, "stages": dict,
     "landmark_weights": dict, "shape_mode": str, "consistency_margin": float, "camera": str,
+    "track": dict,  # options of `track` (keyframes, focal, landmark filter), checked by fitter.track
 }
 CAMERAS = ("pinhole", "ortho")
 STAGE_KEYS = {"iterations": int, "params": list, "weights": dict, "lr_scale": float,
