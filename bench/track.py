@@ -51,8 +51,8 @@ def clip_params(model, frames: int, size: int, seed: int = 0, yaw_deg: float = 2
         seg = min(int(u * (len(keys) - 1)), len(keys) - 2)
         w = smoothstep(np.asarray(u * (len(keys) - 1) - seg))
         p.exp = torch.as_tensor(((1 - w) * keys[seg] + w * keys[seg + 1])[None], dtype=torch.float32)
-        s = 7.5
-        p.cam = torch.tensor([[s, 0.01 * np.sin(2 * np.pi * u), -0.015, focal, 0.0, 0.0]], dtype=torch.float32)
+        s = 5.0  # the face about half the frame's height: room to turn and nod
+        p.cam = torch.tensor([[s, 0.01 * np.sin(2 * np.pi * u), 0.0, focal, 0.0, 0.0]], dtype=torch.float32)
         out.append(p)
     return out
 

@@ -254,8 +254,11 @@ TERMS: dict[str, Term] = {
 # The context's extra["history"] holds the previous frames' values, most recent first:
 # name -> H x N x K for the track's rows N (H = 0, 1 or 2 frames so far), names as in temporal_values.
 def pose_vector(params) -> Tensor:
-    """The rotations a frame fits, one vector: global, neck, jaw (B x 3 each), eyes (B x 6) -> B x 15 (axis-angle)."""
-    return torch.cat([params.global_pose, params.neck_pose, params.jaw_pose, params.eye_pose], dim=1)
+    """The rotations a frame fits, one vector B x 15 (axis-angle): the head's (global + neck, to first
+    order the two composed), the neck's, the jaw's (B x 3 each) and the eyes' (B x 6). The head's own
+    entry keeps a turn from being spread over global and neck just to halve its squared change."""
+    head = params.global_pose + params.neck_pose
+    return torch.cat([head, params.neck_pose, params.jaw_pose, params.eye_pose], dim=1)
 
 
 def camera_translation(cam: Tensor) -> Tensor:
