@@ -105,13 +105,28 @@ def evaluate(model, track, truth: list[FitParams], true_lmk: np.ndarray, region:
     id_err = face_error_mm(true_vertices(model, ident), true_vertices(model, zero(truth[0])), region)
     fitted = a["landmarks2d"]
     rmse = np.sqrt(((fitted - true_lmk) ** 2).sum(-1).mean(-1))
+    ok = a["frame_ok"]
     return {"face_error_mm": round(float(np.mean(errs)), 3), "face_error_mm_worst": round(float(np.max(errs)), 3),
+            "face_error_mm_frames_ok": round(float(np.mean(np.array(errs)[ok])), 3) if ok.any() else None,
             "identity_error_mm": round(id_err, 3), "jitter_px": round(jitter(fitted), 4),
             "true_jitter_px": round(jitter(true_lmk), 4), "jitter_ratio": round(jitter(fitted) / jitter(true_lmk), 3),
             "landmark_rmse_to_truth_px": round(float(rmse.mean()), 3), "frames_ok": int(a["frame_ok"].sum())}
 
 
-def run(frames: int = 48, size: int = 512, skip=(), seed: int = 0, overrides=()) -> dict:
+def write_gif(path: Path, model, track, folder: Path, every: int = 2, height: int = 200, fps: float = FPS) -> Path:
+    """The overlay (input | fitted head) of a track as a small looping GIF."""
+    import cv2
+    import imageio.v2 as imageio
+
+    from fitter.track import overlay_frames
+
+    frames = [cv2.resize(f, (round(f.shape[1] * height / f.shape[0]), height), interpolation=cv2.INTER_AREA)
+              for k, f in enumerate(overlay_frames(model, track, io.FrameSource(folder))) if k % every == 0]
+    imageio.mimsave(path, frames, duration=1000.0 * every / fps, loop=0)
+    return path
+
+
+def run(frames: int = 48, size: int = 512, skip=(), seed: int = 0, overrides=(), gif: Path | None = None) -> dict:
     from fitter.fit import load_flame
     from fitter.track import track_video
 
@@ -139,6 +154,8 @@ def run(frames: int = 48, size: int = 512, skip=(), seed: int = 0, overrides=())
                    "R_per_frame": round(seconds / frames * 1000 / r_ms, 1)}
             row.update(evaluate(model, track, truth, true_lmk, region))
             results.append(row)
+            if gif is not None and lmk is not None:
+                write_gif(gif, model, track, folder)
     return {"results": results, "R_ms": round(r_ms, 2), "threads": torch.get_num_threads(), "model": model.tag,
             "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
@@ -150,9 +167,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", default="", help="comma list: true, detector")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE")
+    parser.add_argument("--gif", type=Path, default=None, help="write the true-landmark track's overlay as a GIF")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    record = run(args.frames, args.size, tuple(s for s in args.skip.split(",") if s), args.seed, args.overrides)
+    record = run(args.frames, args.size, tuple(s for s in args.skip.split(",") if s), args.seed, args.overrides,
+                 args.gif)
     if args.json:
         print(json.dumps(record))
         return

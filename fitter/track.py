@@ -574,17 +574,15 @@ def assemble(model: FlameModel, recipe: Recipe, src: io.FrameSource, det: Detect
 
 
 # ----------------------------------------------------------------------------- outputs
-def write_track_outputs(out_dir, track: Track, model: FlameModel, source: io.FrameSource | str | Path,
-                        overlay: bool = True, progress: Progress | None = None) -> Path:
+def write_track_outputs(out_dir, track: Track, model: FlameModel, source: io.FrameSource, overlay: bool = True,
+                        progress: Progress | None = None) -> Path:
     """DIR/track.npz and DIR/track.json (atomically), DIR/overlay.mp4 (input | fitted head); then the
     .partial folder is removed (the track is complete)."""
     out = Path(out_dir)
     _save_npz(out / "track.npz", track.arrays)
     _write_json_atomic(out / "track.json", track.report)
     if overlay:
-        src = source if isinstance(source, io.FrameSource) else None
-        if src is not None:
-            io.write_video(out / "overlay.mp4", overlay_frames(model, track, src, progress), float(track.arrays["fps"]))
+        io.write_video(out / "overlay.mp4", overlay_frames(model, track, source, progress), float(track.arrays["fps"]))
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return out
 
