@@ -489,9 +489,11 @@ def track(source, out, model, recipe, landmarks, detector, device, start, end, e
         result = track_video(frames, out, recipe=recipe, model=flame, landmarks=landmarks, detector=detector,
                              device=device, progress=progress, overrides=overrides)
         folder = write_track_outputs(out, result, flame, frames, overlay=not no_overlay, progress=progress)
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
     rep = result.report
+    for warning in result.warnings[:5]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if len(result.warnings) > 5:
+        console.print(f"[yellow]warning:[/] ... and {len(result.warnings) - 5} more, see {folder}/track.json")
     if not quiet:
         resumed = f", {rep['frames'] - result.fitted_frames} resumed" if rep["resumed"] else ""
         console.print(f"[green]tracked[/] {rep['frames']} frames ({rep['frames_ok']} with a face{resumed}) -> "
