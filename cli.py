@@ -461,6 +461,33 @@ def assets_install(path):
 
 
 @main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["glb", "obj", "ply"]), default="glb", show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="Output file (glb; obj/ply of a fit) or folder (obj/ply of a track: frame_0000.obj ...).")
+@click.option("--model", default=None, help="The model the fit/track was made with (default: resolved).")
+@click.option("--morph", type=click.Choice(["signed", "split"]), default="split", show_default=True,
+              help="glb morph targets: one per expression coefficient (signed weights), or a +/- pair each "
+              "with weights in [0, 1] (for Blender, which clamps shape-key values).")
+@click.option("--correctives", type=click.Choice(["bake", "drop"]), default="bake", show_default=True,
+              help="glb pose correctives: baked as animated morph targets (exact playback), or left out.")
+@handle_errors
+def export(source, fmt, out, model, morph, correctives):
+    """Export a fit.npz or track.npz as GLB (skin + expression morph targets + animation) or OBJ/PLY meshes."""
+    from fitter.export import export_file
+
+    r = export_file(source, fmt, out, model=model, morph=morph, correctives=correctives)
+    what = f"{r.frames} frame(s) at {r.fps:g} fps, {r.vertices} vertices"
+    if r.format == "glb":
+        what += f", {r.joints} joints, {r.morph_targets} morph targets; pose correctives {r.correctives}"
+        if r.correctives == "dropped":
+            what += f" (lost: max {r.corrective_max_mm:.3f} mm, mean {r.corrective_mean_mm:.3f} mm)"
+    console.print(f"[green]wrote[/] {r.path} ({what})")
+    if r.format == "glb" and morph == "signed":
+        console.print("note: Blender clamps shape-key values to [0, 1]; for Blender keep the default --morph split")
+
+
+@main.command()
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--model", default=None, help="FLAME model file or folder (default: resolved).")

@@ -187,6 +187,19 @@ def unflatten_params(params: FitParams, names: list[str], x: Tensor) -> FitParam
     return FitParams(**values)
 
 
+def prewarm_jacobians() -> None:
+    """Start importing what forward-mode autodiff needs on a background thread.
+
+    torch.func's first jvp imports torch._dynamo (about a second; the Python references of the
+    elementwise ops are wrapped to keep compilation out of them), although nothing here compiles.
+    Started when a fit begins, the import overlaps model loading, image reading and detection."""
+    import sys
+    import threading
+
+    if "torch._dynamo" not in sys.modules:
+        threading.Thread(target=__import__, args=("torch._dynamo",), daemon=True).start()
+
+
 def batched_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     """Residuals and their per-row Jacobian for fn: B x P -> B x M whose rows are independent
     (row b of the output depends on row b of the input only): -> (B x M, B x M x P).

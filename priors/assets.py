@@ -705,7 +705,8 @@ ACCEPTED = (
     "folder with one), a texture space (FLAME_texture.npz, FLAME_albedo_from_BFM.npz), "
     "FLAME_masks.pkl, DECA's landmark_embedding.npy (or RingNet's flame_static_embedding.pkl / "
     "flame_dynamic_embedding.npy), DECA's deca_model.tar, DECA's head_template.obj (FLAME's UV layout), "
-    "DECA's uv_face_eye_mask.png / uv_face_mask.png"
+    "DECA's uv_face_eye_mask.png / uv_face_mask.png, a MediaPipe landmark embedding .npz (flamefit's "
+    "dense_faces/dense_bary, or lmk_face_idx/lmk_b_coords/landmark_indices) for the resolved model"
 )
 
 
@@ -714,7 +715,9 @@ def install_asset(path: str | Path, home: str | Path | None = None) -> tuple[str
 
     kinds: 'model' -> models/<name>/model.npz; 'albedo' -> albedo/<file>.npz;
     'masks' -> masks/FLAME_masks.pkl; 'embedding' -> embeddings/<file>;
-    'deca' -> deca/deca_model.tar; 'uv layout' -> uv/head_template.obj; 'uv mask' -> uv/<file>.png.
+    'deca' -> deca/deca_model.tar; 'uv layout' -> uv/head_template.obj; 'uv mask' -> uv/<file>.png;
+    'dense-embedding' -> embeddings/mediapipe478/<mesh hash>.npz (checked against the model
+    resolve_model_path() picks).
     """
     src = Path(path).expanduser()
     if not src.exists():
@@ -769,6 +772,8 @@ def _unknown(src: Path) -> AssetError:
 def _classify_npz_keys(src: Path, keys: set[str]) -> str:
     if "v_template" in keys:
         return "model"
+    if "dense_faces" in keys or {"lmk_face_idx", "landmark_indices"} <= keys:
+        return "dense-embedding"
     if {"MU", "PC"} <= keys or {"mean", "tex_dir"} <= keys:
         return "albedo"
     raise _unknown(src)
@@ -848,6 +853,9 @@ def _install_uv_layout(src: Path, root: Path) -> Path:
 
 
 def _install_file(src: Path, kind: str, root: Path) -> Path:
+    if kind == "dense-embedding":
+        from priors.dense_embedding import install_dense_embedding
+        return install_dense_embedding(src, load_model(resolve_model_path(), require_landmarks=False), root)
     if kind == "deca":
         return _copy_into(src, root / "deca" / "deca_model.tar")
     if kind == "uv layout":

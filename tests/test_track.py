@@ -354,3 +354,11 @@ def test_bad_inputs_are_one_line(tmp_path, standin_path):
     io.write_png(tmp_path / "f0.png", np.zeros((32, 32, 3), np.uint8))
     r = run("track", tmp_path, "--out", tmp_path / "o", "--model", standin_path, "--set", "track.keyframe=3")
     assert r.exit_code == 7 and "track.keyframe" in r.output  # RecipeError, naming the key
+
+
+def test_exported_track_plays_the_tracked_frames(cli_track, standin_path, tmp_path):
+    """track.npz as written goes through `cli.py export` (its reader checks the contract's keys)."""
+    out, _ = cli_track
+    r = run("export", out / "track.npz", "--format", "glb", "--out", tmp_path / "clip.glb", "--model", standin_path)
+    assert r.exit_code == 0, r.output
+    assert f"{FRAMES} frame(s) at 25 fps" in r.output and (tmp_path / "clip.glb").stat().st_size > 0

@@ -1,0 +1,172 @@
+"""fitter.detect: detection that does not give up (grey, small, rotated faces) and MediaPipe's dense points."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fitter import detect as D
+from fitter.detect import (
+    dense_point_weights,
+    detect_landmarks,
+    detect_landmarks_dense,
+    normalise_contrast,
+    rotation_matrix,
+    warp_points_back,
+)
+from fitter.io import read_image
+from priors.errors import NoFaceError
+
+ROOT = Path(__file__).resolve().parent.parent
+ASTRONAUT = ROOT / "fitter" / "samples" / "astronaut.png"
+needs_mediapipe = pytest.mark.skipif(importlib.util.find_spec("mediapipe") is None,
+                                     reason="mediapipe is not installed")
+
+
+def _nme(found: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(found - expected, axis=1).mean() / np.linalg.norm(expected[36] - expected[45]))
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return read_image(ASTRONAUT)
+
+
+# ----------------------------------------------------------------------------- pure maths
+@pytest.mark.parametrize("angle", [90.0, -90.0, 180.0, 30.0, -30.0])
+def test_rotation_maps_pixels_like_the_warp(angle):
+    h, w = 60, 90
+    M, (nh, nw) = rotation_matrix(angle, (h, w))
+    a = np.deg2rad(angle)
+    assert (nh, nw) == (round(abs(w * np.sin(a)) + abs(h * np.cos(a))), round(abs(w * np.cos(a)) + abs(h * np.sin(a))))
+    # the image centre goes to the canvas centre; +x turns counter-clockwise on screen (y down): up for 90
+    assert M[:, :2] @ [w / 2, h / 2] + M[:, 2] == pytest.approx([nw / 2, nh / 2])
+    assert M[:, :2] @ [1.0, 0.0] == pytest.approx([np.cos(a), -np.sin(a)], abs=1e-12)
+    # a bright pixel moves where the matrix says (corner-origin centres)
+    img = np.zeros((h, w), np.uint8)
+    img[10, 70] = 255
+    out = D._warp(img, M, (nh, nw))
+    peak = np.unravel_index(np.argmax(out), out.shape)
+    expected = M[:, :2] @ [70.5, 10.5] + M[:, 2]
+    assert np.abs(np.array([peak[1] + 0.5, peak[0] + 0.5]) - expected).max() <= 0.75
+    pts = np.random.default_rng(0).uniform(0, 60, (5, 3))
+    moved = pts.copy()
+    moved[:, :2] = pts[:, :2] @ M[:, :2].T + M[:, 2]
+    assert warp_points_back(moved, M) == pytest.approx(pts)
+
+
+def test_warp_points_back_scales_depth():
+    M = np.array([[2.0, 0.0, 10.0], [0.0, 2.0, -4.0]])  # 2x zoom
+    back = warp_points_back(np.array([[30.0, 16.0, 8.0]]), M)
+    assert back == pytest.approx(np.array([[10.0, 10.0, 4.0]]))
+
+
+def test_normalise_contrast_makes_grey_three_channels_and_spreads_a_dark_image():
+    rng = np.random.default_rng(0)
+    dark = (rng.uniform(0, 1, (64, 64)) ** 2 * 40).astype(np.uint8)  # values 0..40
+    out = normalise_contrast(dark)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    assert out.std() > 2 * dark.std()
+
+
+def test_dense_weights_follow_the_surface_facing():
+    """Points on a sphere (MediaPipe's axes: z smaller = nearer): the weight is the cosine between the
+    outward normal and the direction to the camera (-z), 0 on the far side."""
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(2000, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    pts = 100.0 * v[v[:, 2] < 0.3][:478]  # a cap facing the camera, plus a band past the silhouette
+    w = dense_point_weights(pts)
+    assert w.shape == (478,) and w.dtype == np.float32
+    cos = np.clip(-pts[:, 2] / 100.0, 0, 1)
+    inner = np.linalg.norm(pts[:, :2], axis=1) < 85  # neighbourhoods away from the cap's rim
+    assert np.abs(w - cos)[:468][inner[:468]].max() < 0.08
+    assert (w[:468][pts[:468, 2] > 10] < 0.05).all()  # turned away: ~0
+    assert dense_point_weights(pts, floor=0.2).min() >= 0.2
+
+
+# ----------------------------------------------------------------------------- real MediaPipe runs
+def _small_grey(astronaut: np.ndarray, angle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The astronaut in grey, downscaled to a sixth of a 1800 x 2400 grey canvas' height and pasted off
+    centre; returns (canvas RGB, 2 x 3 corner-origin map from the photo to the canvas)."""
+    grey = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
+    H, W, side = 1800, 2400, 300
+    k = side / astronaut.shape[0]
+    small = cv2.resize(grey, (round(astronaut.shape[1] * k), side), interpolation=cv2.INTER_AREA)
+    canvas = np.full((H, W), 118, np.uint8)
+    ox, oy = 1500, 900
+    canvas[oy:oy + side, ox:ox + small.shape[1]] = small
+    M = np.array([[small.shape[1] / astronaut.shape[1], 0, ox], [0, k, oy]])
+    if angle:
+        R, size = rotation_matrix(angle, (H, W))
+        canvas = D._warp(canvas, R, size)
+        M = D._compose(R, M)
+    return np.repeat(canvas[..., None], 3, axis=2), M
+
+
+@needs_mediapipe
+def test_small_grey_face_is_found_on_the_face(astronaut):
+    reference = detect_landmarks(astronaut, "mediapipe")
+    canvas, M = _small_grey(astronaut)
+    assert D.mediapipe_meshes(canvas, retry=False) == []  # the plain detector misses it
+    found = detect_landmarks(canvas, "mediapipe")
+    meshes, how = D.mediapipe_meshes_how(canvas)
+    assert how == "full-range detector zoom" and len(meshes) == 1
+    assert D.mediapipe_meshes_how(astronaut)[1] == "first pass"
+    assert D.mediapipe_meshes_how(np.full((240, 320, 3), 128, np.uint8)) == ([], None)
+    expected = reference @ M[:, :2].T + M[:, 2]
+    assert _nme(found, expected) < 0.05  # measured 0.014
+
+
+@needs_mediapipe
+def test_small_grey_face_rotated_90_is_found(astronaut):
+    reference = detect_landmarks(astronaut, "mediapipe")
+    canvas, M = _small_grey(astronaut, angle=90.0)
+    found = detect_landmarks(canvas, "mediapipe")
+    expected = reference @ M[:, :2].T + M[:, 2]
+    assert _nme(found, expected) < 0.08
+
+
+@needs_mediapipe
+@pytest.mark.parametrize("k", [1, 3])
+def test_photo_rotated_90_lands_on_the_face(astronaut, k):
+    reference = detect_landmarks(astronaut, "mediapipe")
+    rotated = np.ascontiguousarray(np.rot90(astronaut, k))  # counter-clockwise k x 90 degrees
+    M, size = rotation_matrix(90.0 * k, astronaut.shape[:2])
+    assert rotated.shape[:2] == size
+    expected = reference @ M[:, :2].T + M[:, 2]
+    assert _nme(detect_landmarks(rotated, "mediapipe"), expected) < 0.2  # measured 0.04 and 0.17 (jaw)
+
+
+@needs_mediapipe
+@pytest.mark.parametrize("kind", ["blank", "noise"])
+def test_no_face_is_still_a_clear_error(kind):
+    rng = np.random.default_rng(0)
+    img = np.full((240, 320, 3), 128, np.uint8) if kind == "blank" else \
+        rng.integers(0, 256, (240, 320, 3)).astype(np.uint8)
+    for call in (lambda: detect_landmarks(img, "mediapipe"), lambda: detect_landmarks_dense(img)):
+        with pytest.raises(NoFaceError) as info:
+            call()
+        assert "no face found by mediapipe" in str(info.value) and "\n" not in str(info.value)
+
+
+@needs_mediapipe
+def test_dense_detection_gives_the_68_and_478_points(astronaut):
+    lmk68, dense, weights = detect_landmarks_dense(astronaut)
+    assert lmk68.shape == (68, 2) and dense.shape == (478, 2) and weights.shape == (478,)
+    assert lmk68.dtype == dense.dtype == weights.dtype == np.float32
+    assert np.array_equal(lmk68, detect_landmarks(astronaut, "mediapipe"))
+    # the table's single-point entries are the mesh points themselves (e.g. chin 8 = mesh 152)
+    assert lmk68[8] == pytest.approx(dense[152], abs=1e-3)
+    assert lmk68[36] == pytest.approx(dense[33], abs=1e-3)
+    # each iris centre sits between its eye's corners
+    for iris, (a, b) in ((468, (33, 133)), (473, (362, 263))):
+        lo, hi = np.minimum(dense[a], dense[b]), np.maximum(dense[a], dense[b])
+        assert lo[0] < dense[iris, 0] < hi[0]
+    assert 0.0 <= weights.min() and weights.max() <= 1.0
+    assert np.median(weights[[1, 4, 5, 6, 168, 197]]) > 0.6  # the nose ridge faces the camera
