@@ -58,8 +58,8 @@ class TrackOptions:
     keyframes: int = 8  # frames fitted jointly for the identity
     focal: str = "default"  # default (50 mm-equivalent field of view) | keyframes (their median estimate)
     filter: bool = True  # One-Euro filter on detected landmarks (landmark files are used as given)
-    min_cutoff: float = 2.0  # Hz
-    beta: float = 5.0  # cut-off rise per (face size / second) of landmark speed
+    min_cutoff: float = 1.0  # Hz
+    beta: float = 2.0  # cut-off rise per (face size / second) of landmark speed
     d_cutoff: float = 1.0  # Hz
 
 
