@@ -532,7 +532,7 @@ def _add_animation(g: _Glb, model: FlameModel, clip: Clip, joint_nodes: list[int
     g.doc["animations"] = [{"name": clip.source.stem, "samplers": samplers, "channels": channels}]
 
 
-def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "split", correctives: str = "bake") -> bytes:
+def gltf_bytes(model: FlameModel, clip: Clip, texture=None, morph: str = "signed", correctives: str = "bake") -> bytes:
     """The GLB of a clip (see the module docstring). texture: a fitter.albedo.TextureAlbedo when the
     clip's albedo is texture-space coefficients, else None (per-vertex colours or none)."""
     if morph not in MORPH_MODES:
@@ -643,7 +643,7 @@ def _frame_names(clip: Clip, suffix: str) -> list[str]:
 
 
 def export_clip(clip: Clip, model: FlameModel, fmt: str, out: str | Path, texture=None,
-                morph: str = "split", correctives: str = "bake") -> ExportReport:
+                morph: str = "signed", correctives: str = "bake") -> ExportReport:
     """Write `clip` as `fmt` to `out`, atomically (nothing half-written is left on failure).
 
     glb: one file. obj / ply: a single fit -> one file at `out` (an OBJ with a texture gets
@@ -690,7 +690,7 @@ def _write_single(out: Path, verts: np.ndarray, model: FlameModel, clip: Clip, f
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_file(source: str | Path, fmt: str, out: str | Path, model=None, morph: str = "split",
+def export_file(source: str | Path, fmt: str, out: str | Path, model=None, morph: str = "signed",
                 correctives: str = "bake") -> ExportReport:
     """`cli.py export`: read a fit.npz / track.npz, load the model (path, FlameModel or None for the
     resolved default) and its texture space when the albedo needs one, and export."""

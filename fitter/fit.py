@@ -48,6 +48,9 @@ class Target:
     focal_px: float = 0.0  # focal length in `image` pixels (EXIF or the default field of view)
     focal_source: str = "default"  # "exif" or "default"
     warnings: list[str] = field(default_factory=list)
+    dense_crop: np.ndarray | None = None  # 478 x 2 MediaPipe points in crop pixels (when MediaPipe found the face)
+    dense_weights: np.ndarray | None = None  # 478 detector weights (far side of a turned face ~0)
+    detected: bool = False  # landmarks from a detector (not a file)
 
     @property
     def stem(self) -> str:
@@ -70,11 +73,15 @@ class Targets:
     lmk_weights: Tensor
     focal: Tensor | None = None  # None: no photo intrinsics (weak perspective only)
     principal: Tensor | None = None
+    dense: Tensor | None = None  # B x 478 x 2 crop pixels (MediaPipe), or None when no image has them
+    dense_weights: Tensor | None = None  # B x 478, 0 for images without dense points
+    trust: Tensor | None = None  # B: weight of the landmark terms (1 for given points, less for detected)
 
     def select(self, rows: Tensor) -> Targets:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return Targets(self.image[rows], self.landmarks[rows], self.mask[rows], self.lmk_weights,
-                       pick(self.focal), pick(self.principal))
+                       pick(self.focal), pick(self.principal), pick(self.dense), pick(self.dense_weights),
+                       pick(self.trust))
 
 
 def polygon_mask(points: np.ndarray, res: int) -> np.ndarray:
@@ -106,9 +113,13 @@ def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = Non
         if not inside.all():
             raise LandmarkError(f"{landmarks_file}: landmarks lie far outside {path.name} ({w}x{h} px); "
                                 "fix: give landmarks in that image's pixel coordinates")
-    else:
+    dense = dense_w = None
+    if landmarks_file is None:
         try:
-            lmk = detect.detect_landmarks(image, detector=detector, device=device, face_index=face_index)
+            if detect.resolve_detector(detector) == "mediapipe":  # one run for the 68 and the 478 points
+                lmk, dense, dense_w = detect.detect_landmarks_dense(image, face_index=face_index)
+            else:
+                lmk = detect.detect_landmarks(image, detector=detector, device=device, face_index=face_index)
         except NoFaceError as exc:
             raise NoFaceError(f"{path}: {exc}") from None
     lmk = io.validate_landmarks(lmk, landmarks_file or f"{path} (detected landmarks)")
@@ -116,8 +127,9 @@ def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = Non
     crop = detect.crop_image(image, box, res)
     lmk_crop = detect.to_crop(lmk, box, res).astype(np.float32)
     mask = polygon_mask(face_mask_polygon(lmk_crop), res)
+    dense_crop = detect.to_crop(dense, box, res).astype(np.float32) if dense is not None else None
     return Target(path, image, scale, box, crop, lmk.astype(np.float32), lmk_crop, mask, focal, focal_source,
-                  [warning] if warning else [])
+                  [warning] if warning else [], dense_crop, dense_w, landmarks_file is None)
 
 
 def prepare_from_args(path: Path, res: int, landmarks: Path | None, detector: str, device: str,
@@ -127,13 +139,38 @@ def prepare_from_args(path: Path, res: int, landmarks: Path | None, detector: st
     return prepare_target(path, res, lmk_file, detector, device, face_index, where=landmarks)
 
 
-def stack_targets(targets: list[Target], region_weights: dict, device) -> Targets:
+def stack_targets(targets: list[Target], region_weights: dict, device, detector_trust: float = 1.0) -> Targets:
+    """Tensors of a batch; detected landmarks weigh `detector_trust` (a recipe value), given ones 1."""
     img = torch.stack([torch.from_numpy(t.crop).permute(2, 0, 1) for t in targets]).to(device)
     lmk = torch.stack([torch.from_numpy(t.landmarks_crop) for t in targets]).to(device)
     mask = torch.stack([torch.from_numpy(t.mask)[None] for t in targets]).to(device)
     intr = torch.tensor([crop_intrinsics(t.focal_px, t.box, t.image.shape[:2]) for t in targets],
                         dtype=torch.float32, device=device)
-    return Targets(img, lmk, mask, landmark_weights(region_weights).to(device), intr[:, 0], intr[:, 1:])
+    dense = dense_w = None
+    if any(t.dense_crop is not None for t in targets):
+        none = (np.zeros((478, 2), np.float32), np.zeros(478, np.float32))  # images without dense points weigh 0
+        dense = torch.stack([torch.from_numpy(none[0] if t.dense_crop is None else t.dense_crop)
+                             for t in targets]).to(device)
+        dense_w = torch.stack([torch.from_numpy(none[1] if t.dense_weights is None else t.dense_weights)
+                               for t in targets]).to(device)
+    trust = torch.tensor([detector_trust if t.detected else 1.0 for t in targets], device=device)
+    return Targets(img, lmk, mask, landmark_weights(region_weights).to(device), intr[:, 0], intr[:, 1:],
+                   dense, dense_w, trust)
+
+
+def attach_dense_embedding(setup: FitSetup, targets: Targets) -> Targets:
+    """When the targets have MediaPipe's 478 points and the recipe weighs them, make the model evaluate
+    its MediaPipe embedding (priors.dense_embedding: cached, or derived once for this model) and fold
+    the embedding's per-point confidence into the targets' weights."""
+    if targets.dense is None or not setup.recipe.uses("dense_landmark"):
+        return targets
+    from priors.dense_embedding import dense_embedding_for, dense_weights
+
+    if "dense_confidence" not in setup.extra:
+        emb = dense_embedding_for(setup.model)
+        setup.model.attach_dense(emb.faces, emb.bary)
+        setup.extra["dense_confidence"] = torch.from_numpy(dense_weights(emb)).to(setup.device)
+    return replace(targets, dense_weights=targets.dense_weights * setup.extra["dense_confidence"])
 
 
 # ----------------------------------------------------------------------------- model
@@ -310,7 +347,8 @@ def fit_targets(setup: FitSetup, targets: list[Target], progress: Progress | Non
     """Fit a batch of prepared targets jointly (own parameters each unless tie_shape)."""
     torch.manual_seed(seed)
     start = time.perf_counter()
-    batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
+    batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device, setup.recipe.detector_trust)
+    batch = attach_dense_embedding(setup, batch)
     params = init if init is not None else initial_params(setup, batch)
     objective = make_objective(setup, batch, tie_shape=tie_shape)
     params, reports = run_recipe(params, setup.recipe, objective, progress, optimizer)
@@ -327,7 +365,7 @@ def deca_initializer(setup: FitSetup):
     encoder = load_deca_encoder(default_deca_path()).to(setup.device).eval()
 
     def initialize(targets: list[Target]) -> FitParams:
-        batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
+        batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device, setup.recipe.detector_trust)
         crops = torch.nn.functional.interpolate(batch.image, size=(224, 224), mode="bilinear", align_corners=False)
         params = deca_initial_params(encoder, crops, setup.model, initial_params(setup, batch),
                                      use_tex=getattr(setup.albedo_model, "deca_tex", False))

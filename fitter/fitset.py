@@ -21,7 +21,8 @@ from priors.assets import atomic_write
 from priors.errors import FlamefitError, UsageError
 
 from .fit import (
-    FitResult, Target, collect_results, deca_initializer, initial_params, load_flame, make_objective, make_setup,
+    FitResult, Target, attach_dense_embedding, collect_results, deca_initializer, initial_params, load_flame,
+    make_objective, make_setup,
     prepare_from_args, stack_targets,
 )
 from .optimize import Progress, run_recipe
@@ -77,7 +78,8 @@ def fit_identity(targets: list[Target], setup, shape_mode: str = "shared", negat
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
     torch.manual_seed(seed)
     start = time.perf_counter()
-    batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
+    batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device, setup.recipe.detector_trust)
+    batch = attach_dense_embedding(setup, batch)
     # this fit's negatives only (the caller's setup is not changed, so a later fit does not inherit them)
     extra = {k: v for k, v in setup.extra.items() if k != "negatives"}
     if negatives is not None:

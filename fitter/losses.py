@@ -61,6 +61,38 @@ def landmark_residual(pred: Tensor, target: Tensor, weights: Tensor, res: int, e
     return (d * torch.sqrt(0.5 * irls * (weights / weights.sum())[:, None])).flatten(1)
 
 
+def weighted_point_loss(pred: Tensor, target: Tensor, weights: Tensor, res: int, eps: float = 0.01) -> Tensor:
+    """Robust distance of points with per-image weights: pred, target B x N x 2 (crop pixels), weights
+    B x N (>= 0; an image whose weights are all 0 contributes 0) -> B. As landmark_loss otherwise."""
+    r = charbonnier(((pred - target) / (res / 2.0)).norm(dim=-1), eps)
+    return (r * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+
+
+def weighted_point_residual(pred: Tensor, target: Tensor, weights: Tensor, res: int, eps: float = 0.01) -> Tensor:
+    """weighted_point_loss as IRLS residuals (see landmark_residual): B x N x 2 -> B x 2N."""
+    d = (pred - target) / (res / 2.0)
+    irls = 1.0 / torch.sqrt((d.detach() ** 2).sum(-1) + eps * eps)  # B x N
+    w = weights / weights.sum(1, keepdim=True).clamp_min(1e-6)
+    return (d * torch.sqrt(0.5 * irls * w)[..., None]).flatten(1)
+
+
+def _has_dense(c) -> bool:
+    return c.target.dense is not None and "dense2d" in c.pred
+
+
+def _dense_loss(c) -> Tensor:
+    """The dense-landmark term; 0 per image when the photo or the model has no dense points."""
+    if not _has_dense(c):
+        return c.params.shape.new_zeros(c.params.batch)
+    return weighted_point_loss(c.pred["dense2d"], c.target.dense, c.target.dense_weights, c.res)
+
+
+def _dense_residual(c) -> Tensor:
+    if not _has_dense(c):
+        return c.params.shape.new_zeros(c.params.batch, 0)
+    return weighted_point_residual(c.pred["dense2d"], c.target.dense, c.target.dense_weights, c.res)
+
+
 def _pair_distance(points: Tensor, a: list[int], b: list[int]) -> Tensor:
     return (points[:, a] - points[:, b]).norm(dim=-1)
 
@@ -218,18 +250,37 @@ def _consistency(c: Context) -> Tensor:
     return shape_consistency(shapes, c.extra.get("margin", 0.5), c.extra.get("negatives"))[rows]
 
 
+def _trusted(fn: Callable[[Context], Tensor], residual: Callable[[Context], Tensor]) -> Term:
+    """A landmark-type term scaled per image by how far its points are trusted (Targets.trust: 1 for
+    landmark files, the recipe's detector_trust for detected points, so that the priors count more
+    against a detector's noise)."""
+    def value(c: Context) -> Tensor:
+        trust = getattr(c.target, "trust", None)
+        return fn(c) if trust is None else fn(c) * trust
+
+    def scaled_residual(c: Context) -> Tensor:
+        trust = getattr(c.target, "trust", None)
+        return residual(c) if trust is None else residual(c) * trust.sqrt()[:, None]
+
+    return Term(value, residual=scaled_residual)
+
+
 TERMS: dict[str, Term] = {
-    "landmark": Term(lambda c: landmark_loss(c.pred["landmarks2d"], c.target.landmarks, c.target.lmk_weights, c.res),
-                     residual=lambda c: landmark_residual(c.pred["landmarks2d"], c.target.landmarks,
-                                                          c.target.lmk_weights, c.res)),
-    "eye_closure": Term(lambda c: relative_distance_loss(c.pred["landmarks2d"], c.target.landmarks,
-                                                         EYE_UPPER, EYE_LOWER, c.res),
-                        residual=lambda c: relative_distance_residual(c.pred["landmarks2d"], c.target.landmarks,
-                                                                      EYE_UPPER, EYE_LOWER, c.res)),
-    "lip_distance": Term(lambda c: relative_distance_loss(c.pred["landmarks2d"], c.target.landmarks,
-                                                          LIP_UPPER, LIP_LOWER, c.res),
-                         residual=lambda c: relative_distance_residual(c.pred["landmarks2d"], c.target.landmarks,
-                                                                       LIP_UPPER, LIP_LOWER, c.res)),
+    "landmark": _trusted(lambda c: landmark_loss(c.pred["landmarks2d"], c.target.landmarks, c.target.lmk_weights,
+                                                 c.res),
+                         lambda c: landmark_residual(c.pred["landmarks2d"], c.target.landmarks, c.target.lmk_weights,
+                                                     c.res)),
+    "eye_closure": _trusted(lambda c: relative_distance_loss(c.pred["landmarks2d"], c.target.landmarks,
+                                                             EYE_UPPER, EYE_LOWER, c.res),
+                            lambda c: relative_distance_residual(c.pred["landmarks2d"], c.target.landmarks,
+                                                                 EYE_UPPER, EYE_LOWER, c.res)),
+    "lip_distance": _trusted(lambda c: relative_distance_loss(c.pred["landmarks2d"], c.target.landmarks,
+                                                              LIP_UPPER, LIP_LOWER, c.res),
+                             lambda c: relative_distance_residual(c.pred["landmarks2d"], c.target.landmarks,
+                                                                  LIP_UPPER, LIP_LOWER, c.res)),
+    # MediaPipe's 478 points (468 mesh + 10 iris) through the model's own derived embedding; the
+    # iris points move the eyeballs, so this term also fits the gaze (eye_pose)
+    "dense_landmark": _trusted(_dense_loss, _dense_residual),
     "photo": Term(lambda c: photometric_loss(c.pred["image"], c.target.image,
                                              c.target.mask * c.pred["alpha"]), needs_render=True),
     "photo_l2": Term(lambda c: photometric_l2(c.pred["image"], c.target.image,

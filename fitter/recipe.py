@@ -7,6 +7,7 @@ Layout (see recipes/default.toml):
     resolution = 224            # crop size in pixels
     perceptual = "auto"         # off | auto (skip with a warning if VGG weights are absent) | required
     camera = "pinhole"          # pinhole (default) | ortho (weak perspective, as DECA)
+    detector_trust = 0.1        # landmark terms of detected points weigh this much (given points: 1)
     [lr]                        # Adam learning rate per parameter group
     cam = 0.01 ...
     [stages.NAME]               # stages run in file order
@@ -48,6 +49,7 @@ SHAPE_MODES = ("shared", "consistency")
 TOP_KEYS = {
     "description": str, "resolution": int, "perceptual": str, "lr": dict, "stages": dict,
     "landmark_weights": dict, "shape_mode": str, "consistency_margin": float, "camera": str,
+    "detector_trust": float,
     "track": dict,  # options of `track` (keyframes, focal, landmark filter), checked by fitter.track
 }
 CAMERAS = ("pinhole", "ortho")
@@ -81,6 +83,7 @@ class Recipe:
     landmark_weights: dict[str, float] = field(default_factory=dict)
     shape_mode: str = "shared"
     consistency_margin: float = 0.5
+    detector_trust: float = 1.0  # weight of detected landmarks' terms relative to given ones (priors count more)
     camera: str = "pinhole"  # pinhole (focal from EXIF or the default field of view) | ortho (weak perspective)
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -135,6 +138,9 @@ def parse_recipe(data: dict, name: str, source: str) -> Recipe:
     perceptual = data.get("perceptual", "auto")
     if perceptual not in PERCEPTUAL_MODES:
         raise RecipeError(f"{src}: 'perceptual' = {perceptual!r}{_suggest(perceptual, PERCEPTUAL_MODES)}")
+    detector_trust = data.get("detector_trust", 1.0)
+    if not 0 < detector_trust <= 1:
+        raise RecipeError(f"{src}: 'detector_trust' = {detector_trust} must be in (0, 1]")
     camera = data.get("camera", "pinhole")
     if camera not in CAMERAS:
         raise RecipeError(f"{src}: 'camera' = {camera!r}{_suggest(camera, CAMERAS)}")
@@ -201,7 +207,8 @@ def parse_recipe(data: dict, name: str, source: str) -> Recipe:
         stages.append(Stage(sname, table["iterations"], list(table["params"]), weights, lr_scale,
                             table.get("patience", 0), table.get("tol", 1e-4), solver))
     return Recipe(name, source, data.get("description", ""), resolution, perceptual, lr, stages, lmk_w,
-                  shape_mode, data.get("consistency_margin", 0.5), camera, raw=data)
+                  shape_mode, data.get("consistency_margin", 0.5), detector_trust=detector_trust, camera=camera,
+                  raw=data)
 
 
 def _coerce(text: str):

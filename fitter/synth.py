@@ -41,6 +41,8 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     lmk = project(out.landmarks3d, params.cam, res)[..., :2]
     pred = {"vertices": out.vertices, "landmarks2d": lmk, "landmarks3d": out.landmarks3d,
             "landmarks2d_static": project(out.landmarks3d_full, params.cam, res)[..., :2]}
+    if out.dense is not None:
+        pred["dense2d"] = project(out.dense, params.cam, res)[..., :2]
     if not render:
         return pred
     faces = model.faces

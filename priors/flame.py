@@ -130,6 +130,7 @@ class FlameOutput:
     joints: Tensor  # B x J x 3
     landmarks3d: Tensor  # B x 68 x 3, with the dynamic jaw contour
     landmarks3d_full: Tensor  # B x 68 x 3, fixed (frontal) contour
+    dense: Tensor | None = None  # B x N x 3, the attached dense embedding's points (attach_dense)
 
 
 class FlameModel(nn.Module):
@@ -161,26 +162,39 @@ class FlameModel(nn.Module):
             self.register_buffer("dynamic_bary", f32(lm.dynamic_bary))
             self.register_buffer("full_faces", long(lm.full_faces).reshape(-1))
             self.register_buffer("full_bary", f32(lm.full_bary).reshape(-1, 3))
-            self._init_lean(assets)
+            self._landmark_tris = np.concatenate([lm.static_faces.ravel(), lm.dynamic_faces.ravel(),
+                                                  lm.full_faces.ravel()])
+            self._init_lean(self._landmark_tris)
+        self.has_dense = False
 
-    def _init_lean(self, assets: FlameAssets) -> None:
-        """Buffers for evaluating only the vertices that landmarks and joints need: landmark-only
-        stages then skip the other (~99%) vertices. Exact, since joints regress from these alone."""
-        lm = assets.landmarks
-        tri_ids = np.concatenate([lm.static_faces.ravel(), lm.dynamic_faces.ravel(), lm.full_faces.ravel()])
-        ids = np.union1d(np.unique(assets.faces[tri_ids]), np.nonzero(np.abs(assets.J_regressor).sum(0))[0])
-        remap = np.full(assets.n_verts, -1, np.int64)
+    def attach_dense(self, faces: np.ndarray, bary: np.ndarray) -> None:
+        """Evaluate a dense landmark embedding (a triangle and barycentric weights per point, N and
+        N x 3) with every forward pass, lean ones included: FlameOutput.dense is then B x N x 3."""
+        self.register_buffer("dense_faces", torch.as_tensor(np.asarray(faces, np.int64), device=self.faces.device))
+        self.register_buffer("dense_bary", torch.as_tensor(np.asarray(bary, np.float32), device=self.faces.device))
+        self.has_dense = True
+        if self.has_landmarks:
+            self._init_lean(np.concatenate([self._landmark_tris, np.asarray(faces, np.int64).ravel()]))
+
+    def _init_lean(self, tri_ids: np.ndarray) -> None:
+        """Buffers for evaluating only the vertices that the landmark triangles `tri_ids` and the joints
+        need: landmark-only stages then skip the other (~95%) vertices. Exact, since joints regress
+        from these alone."""
+        faces = self.faces.cpu().numpy()
+        J_regressor = self.J_regressor.cpu().numpy()
+        ids = np.union1d(np.unique(faces[tri_ids]), np.nonzero(np.abs(J_regressor).sum(0))[0])
+        remap = np.full(self.n_verts, -1, np.int64)
         remap[ids] = np.arange(len(ids))
-        sub_faces = np.zeros_like(assets.faces)
-        sub_faces[tri_ids] = remap[assets.faces[tri_ids]]  # only landmark triangles are ever looked up
+        sub_faces = np.zeros_like(faces)
+        sub_faces[tri_ids] = remap[faces[tri_ids]]  # only landmark triangles are ever looked up
         P = self.posedirs.shape[0]
-        idx = torch.as_tensor(ids)
+        idx = torch.as_tensor(ids, device=self.faces.device)
         self.register_buffer("lean_template", self.v_template[idx].clone())
         self.register_buffer("lean_dirs", self.dirs[idx].clone())
         self.register_buffer("lean_posedirs", self.posedirs.view(P, -1, 3)[:, idx].reshape(P, -1).clone())
         self.register_buffer("lean_J_regressor", self.J_regressor[:, idx].clone())
         self.register_buffer("lean_weights", self.weights[idx].clone())
-        self.register_buffer("lean_faces", torch.as_tensor(sub_faces))
+        self.register_buffer("lean_faces", torch.as_tensor(sub_faces, device=self.faces.device))
 
     @property
     def n_verts(self) -> int:
@@ -244,4 +258,8 @@ class FlameModel(nn.Module):
             lmk, full = self.landmarks(verts, pose, faces)
         else:
             lmk = full = verts.new_zeros(verts.shape[0], 68, 3)
-        return FlameOutput(verts, joints, lmk, full)
+        dense = None
+        if self.has_dense:
+            B = verts.shape[0]
+            dense = vertices2landmarks(verts, faces, self.dense_faces.expand(B, -1), self.dense_bary.expand(B, -1, -1))
+        return FlameOutput(verts, joints, lmk, full, dense)

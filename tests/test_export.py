@@ -387,7 +387,8 @@ def test_cli_export(synthetic_model_dir, tmp_path):
     r = CliRunner().invoke(cli.main, ["export", str(src), "--format", "glb", "--out", str(tmp_path / "a.glb"),
                                       "--model", str(synthetic_model_dir)])
     assert r.exit_code == 0, r.output
-    assert "2 frame(s) at 25 fps" in r.output and "42 morph targets; pose correctives baked" in r.output
+    # the CLI default --morph split: a +/- pair of targets per coefficient
+    assert "2 frame(s) at 25 fps" in r.output and "84 morph targets; pose correctives baked" in r.output
     header = (tmp_path / "a.glb").read_bytes()[:20]
     assert header[:4] == b"glTF" and json.loads((tmp_path / "a.glb").read_bytes()[20:20 + int.from_bytes(
         header[12:16], "little")])["asset"]["version"] == "2.0"
