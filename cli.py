@@ -487,5 +487,60 @@ def export(source, fmt, out, model, morph, correctives):
         console.print("note: Blender clamps shape-key values to [0, 1]; for Blender keep the default --morph split")
 
 
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--model", default=None, help="FLAME model file or folder (default: resolved).")
+@click.option("--recipe", default="track", show_default=True, help="Recipe name or .toml path.")
+@click.option("--landmarks", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder of <frame>.pts/.npy/.json (frame file stems; 000012 for a video's frame 12).")
+@click.option("--detector", type=click.Choice(["auto", "fan", "mediapipe"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--start", type=click.IntRange(0), default=0, show_default=True, help="First frame (0-based).")
+@click.option("--end", type=click.IntRange(1), default=None, help="Stop before this frame.")
+@click.option("--every", type=click.IntRange(1), default=1, show_default=True, help="Take every K-th frame.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@click.option("--no-overlay", is_flag=True, help="Skip overlay.mp4.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@handle_errors
+def track(source, out, model, recipe, landmarks, detector, device, start, end, every, overrides, no_overlay, quiet):
+    """Track a VIDEO or FRAMES_DIR: writes OUT/track.npz, OUT/track.json, OUT/overlay.mp4 (resumable)."""
+    from fitter.fit import load_flame
+    from fitter.io import FrameSource
+    from fitter.track import track_video, write_track_outputs
+
+    check_device(device)
+    flame = load_flame(model, device)
+    frames = FrameSource(source, start, end, every)
+    with TrackProgress(quiet) as progress:
+        result = track_video(frames, out, recipe=recipe, model=flame, landmarks=landmarks, detector=detector,
+                             device=device, progress=progress, overrides=overrides)
+        folder = write_track_outputs(out, result, flame, frames, overlay=not no_overlay, progress=progress)
+    rep = result.report
+    for warning in result.warnings[:5]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if len(result.warnings) > 5:
+        console.print(f"[yellow]warning:[/] ... and {len(result.warnings) - 5} more, see {folder}/track.json")
+    if not quiet:
+        resumed = f", {rep['frames'] - result.fitted_frames} resumed" if rep["resumed"] else ""
+        console.print(f"[green]tracked[/] {rep['frames']} frames ({rep['frames_ok']} with a face{resumed}) -> "
+                      f"{folder}  ({rep['seconds']:.1f} s, mean landmark RMSE {rep['landmark_rmse_px_mean']} px)")
+
+
+class TrackProgress(StageProgress):
+    """StageProgress that redraws every frame (tracking and overlay steps are slow, and few)."""
+
+    def __call__(self, stage: str, it: int, total: int, losses: dict):
+        if stage in ("read", "track", "overlay") and self.progress is not None:
+            key = (self.label, stage)
+            if key not in self.tasks:
+                self.tasks[key] = self.progress.add_task(stage, total=total, losses="")
+            text = " ".join(f"{k}={v:.3g}" for k, v in losses.items())
+            self.progress.update(self.tasks[key], completed=it, total=total)  # 'read' learns its total as it goes
+            self.progress.update(self.tasks[key], losses=self._fit_losses(text))
+            return
+        super().__call__(stage, it, total, losses)
+
+
 if __name__ == "__main__":
     main()

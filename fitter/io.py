@@ -430,3 +430,150 @@ def hstack_images(images: list[np.ndarray]) -> np.ndarray:
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
         out.append(img)
     return np.concatenate(out, axis=1)
+
+
+# ----------------------------------------------------------------------------- videos and frame folders
+VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".avi", ".mkv", ".m4v"}
+FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+FOLDER_FPS = 25.0  # a folder of frames carries no rate; this one is assumed
+
+
+class FrameRead:
+    """One frame of a clip: its index in the source (0-based), a name (the file name in a folder,
+    the zero-padded index in a video), the picture H x W x 3 uint8, or None with the reason."""
+
+    __slots__ = ("index", "name", "image", "error")
+
+    def __init__(self, index: int, name: str, image: np.ndarray | None, error: str | None = None):
+        self.index, self.name, self.image, self.error = index, name, image, error
+
+
+class FrameSource:
+    """A video file (decoded with PyAV, which brings its own ffmpeg) or a folder of frames in name
+    order, restricted to the frames start <= i < end with (i - start) % every == 0. Iterating decodes
+    the source again each time (nothing is held in memory); an unreadable frame comes back with
+    image None and its reason, it never stops the iteration."""
+
+    def __init__(self, path, start: int = 0, end: int | None = None, every: int = 1):
+        self.path = Path(path)
+        if start < 0 or every < 1 or (end is not None and end <= start):
+            raise ImageError(f"{self.path}: --start {start} --end {end} --every {every} select no frames; fix: "
+                             "use 0 <= start < end and every >= 1")
+        self.start, self.end, self.every = start, end, every
+        if not self.path.exists():
+            raise ImageError(f"{self.path}: no such file or folder; fix: pass a video file or a folder of frames")
+        if self.path.is_dir():
+            self.kind = "folder"
+            self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+            if not self.files:
+                raise ImageError(f"{self.path}: the folder holds no frames (.png/.jpg/...); fix: point at a "
+                                 "folder of frame images or at a video file")
+            self.source_fps = FOLDER_FPS
+        else:
+            self.kind = "video"
+            self.files = []
+            self.source_fps = self._probe_fps()
+
+    @property
+    def fps(self) -> float:
+        """Frames per second of the selection (the source's rate / every)."""
+        return self.source_fps / self.every
+
+    def _wanted(self, i: int) -> bool:
+        return i >= self.start and (self.end is None or i < self.end) and (i - self.start) % self.every == 0
+
+    def _open(self):
+        import av
+
+        try:
+            container = av.open(str(self.path))
+        except (av.FFmpegError, OSError) as exc:
+            raise ImageError(f"{self.path}: not a readable video ({str(exc).splitlines()[0][:80]}); fix: pass an "
+                             "mp4/mov/webm/avi file or a folder of frames") from None
+        if not container.streams.video:
+            container.close()
+            raise ImageError(f"{self.path}: the file has no video stream; fix: pass a video or a folder of frames")
+        return container
+
+    def _probe_fps(self) -> float:
+        container = self._open()
+        with container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        return float(rate) if rate else FOLDER_FPS
+
+    def __iter__(self):
+        return self._folder() if self.kind == "folder" else self._video()
+
+    def _folder(self):
+        for i, p in enumerate(self.files):
+            if self.end is not None and i >= self.end:
+                return
+            if not self._wanted(i):
+                continue
+            try:
+                yield FrameRead(i, p.name, read_image_with_scale(p, max_side=1 << 30)[0])
+            except ImageError as exc:
+                yield FrameRead(i, p.name, None, str(exc))
+
+    def _video(self):
+        import av
+
+        container = self._open()
+        with container:
+            stream = container.streams.video[0]
+            i = 0
+            for packet in container.demux(stream):
+                if self.end is not None and i >= self.end:
+                    return
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError as exc:  # a corrupt packet: one frame lost, the clip goes on
+                    if self._wanted(i):
+                        yield FrameRead(i, f"{i:06d}", None, f"{self.path}: frame {i} cannot be decoded "
+                                        f"({str(exc).splitlines()[0][:60]})")
+                    i += 1
+                    continue
+                for frame in frames:
+                    if self._wanted(i):
+                        yield FrameRead(i, f"{i:06d}", np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
+                    i += 1
+                    if self.end is not None and i >= self.end:
+                        return
+
+
+def write_video(path, frames, fps: float, crf: int = 23) -> Path:
+    """Encode RGB frames (an iterable of H x W x 3 uint8, all one size) as H.264 mp4, atomically:
+    written beside `path` under a temporary name, moved into place when complete. Odd sizes are
+    padded by one pixel (yuv420p needs even ones)."""
+    from fractions import Fraction
+
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".mp4", dir=path.parent)
+    os.close(fd)
+    try:
+        with av.open(tmp, "w") as container:
+            stream = None
+            for img in frames:
+                img = np.ascontiguousarray(img, dtype=np.uint8)
+                h, w = img.shape[:2]
+                img = np.pad(img, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+                if stream is None:
+                    stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+                    stream.width, stream.height = img.shape[1], img.shape[0]
+                    stream.pix_fmt = "yuv420p"
+                    stream.options = {"crf": str(crf)}
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    container.mux(packet)
+            if stream is not None:
+                for packet in stream.encode():
+                    container.mux(packet)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -299,3 +299,61 @@ TERMS: dict[str, Term] = {
     "albedo_symmetry": Term(lambda c: _albedo_field(c, lambda a: symmetry(a, c.extra["mirror"]))),
     "shape_consistency": Term(_consistency),
 }
+
+
+# ----------------------------------------------------------------------------- temporal terms (video tracking)
+# The context's extra["history"] holds the previous frames' values, most recent first:
+# name -> H x N x K for the track's rows N (H = 0, 1 or 2 frames so far), names as in temporal_values.
+def pose_vector(params) -> Tensor:
+    """The rotations a frame fits, one vector B x 15 (axis-angle): the head's (global + neck, to first
+    order the two composed), the neck's, the jaw's (B x 3 each) and the eyes' (B x 6). The head's own
+    entry keeps a turn from being spread over global and neck just to halve its squared change."""
+    head = params.global_pose + params.neck_pose
+    return torch.cat([head, params.neck_pose, params.jaw_pose, params.eye_pose], dim=1)
+
+
+def camera_translation(cam: Tensor) -> Tensor:
+    """Where the model origin sits, independent of the crop: pinhole B x 6 -> (tx, ty, f / s) B x 3 in metres
+    (x, y and distance); weak perspective B x 3 -> (tx, ty, 1 / s)."""
+    depth = cam[:, 3] / cam[:, 0] if cam.shape[1] == 6 else 1.0 / cam[:, 0]
+    return torch.stack([cam[:, 1], cam[:, 2], depth], dim=1)
+
+
+def temporal_values(params) -> dict[str, Tensor]:
+    """What the temporal terms compare across frames: pose B x 15, exp B x n_exp, trans B x 3."""
+    return {"pose": pose_vector(params), "exp": params.exp, "trans": camera_translation(params.cam)}
+
+
+def temporal_residual(x: Tensor, history: Tensor | None, order: int) -> Tensor:
+    """Finite difference of x B x K against earlier frames history H x B x K (most recent first):
+    order 1 (velocity) x - h0, order 2 (acceleration) x - 2 h0 + h1 -> B x K; zeros while fewer
+    than `order` earlier frames exist (start of the track)."""
+    if history is None or history.shape[0] < order:
+        return torch.zeros_like(x)
+    if order == 1:
+        return x - history[0]
+    if order == 2:
+        return x - 2.0 * history[0] + history[1]
+    raise ValueError(f"temporal_residual: order {order} (use 1 or 2)")
+
+
+def _temporal(name: str, order: int) -> Term:
+    def residual(c: Context) -> Tensor:
+        x = temporal_values(c.params)[name]
+        hist = c.extra.get("history", {}).get(name)
+        if hist is not None:
+            rows = c.extra.get("rows")
+            hist = hist[:, rows] if rows is not None else hist
+        return temporal_residual(x, hist, order)
+
+    return _from_residual(residual)
+
+
+TERMS.update({
+    "pose_velocity": _temporal("pose", 1),
+    "pose_accel": _temporal("pose", 2),
+    "exp_velocity": _temporal("exp", 1),
+    "exp_accel": _temporal("exp", 2),
+    "trans_velocity": _temporal("trans", 1),
+    "trans_accel": _temporal("trans", 2),
+})

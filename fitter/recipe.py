@@ -50,6 +50,7 @@ TOP_KEYS = {
     "description": str, "resolution": int, "perceptual": str, "lr": dict, "stages": dict,
     "landmark_weights": dict, "shape_mode": str, "consistency_margin": float, "camera": str,
     "detector_trust": float,
+    "track": dict,  # options of `track` (keyframes, focal, landmark filter), checked by fitter.track
 }
 CAMERAS = ("pinhole", "ortho")
 STAGE_KEYS = {"iterations": int, "params": list, "weights": dict, "lr_scale": float,

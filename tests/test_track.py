@@ -1,0 +1,364 @@
+"""Video tracking: temporal terms, the One-Euro filter, gap interpolation, resume, video decoding,
+track.npz's schema and the CLI. The tracks run on a short synthetic clip of the stand-in (160 px
+frames, exact landmark files, 96 px crops, few iterations) so the module stays fast."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy.spatial.transform import Rotation
+
+import cli
+from bench.track import clip_params, render_clip, write_clip
+from fitter import detect, io
+from fitter.camera import pinhole_project, project_opencv
+from fitter.filters import OneEuroFilter, one_euro
+from fitter.losses import TERMS, Context, camera_translation, temporal_residual
+from fitter.params import FitParams
+from fitter.track import clip_intrinsics, crop_camera, interpolate_missing, opencv_extrinsics, track_video
+from priors.errors import ImageError
+
+FRAMES, SIZE, GAP = 8, 160, 4  # frame GAP has no landmark file: a frame without a face
+SMALL = ["resolution=96", "track.keyframes=3", "stages.key_joint.iterations=30", "stages.frame_landmarks.iterations=5"]
+CONTRACT_KEYS = {"shape", "albedo", "exp", "global_pose", "neck_pose", "jaw_pose", "eye_pose", "R", "t", "landmarks2d",
+                 "landmarks2d_target", "frame_ok", "K", "fps", "frames", "model", "recipe"}
+
+
+def run(*args):
+    result = CliRunner().invoke(cli.main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+# ----------------------------------------------------------------------------- temporal terms
+def _params(B=2, n_exp=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    cam = torch.cat([5 + r(B, 1).abs(), 0.1 * r(B, 2), 3 + r(B, 1).abs(), torch.zeros(B, 2, dtype=dtype)], 1)
+    return FitParams(r(B, 3), r(B, n_exp), 0.2 * r(B, 3), 0.2 * r(B, 3), 0.2 * r(B, 3), 0.2 * r(B, 6), cam,
+                     r(B, 9, 3), r(B, 5, 3))
+
+
+def _history(params_list):
+    """name -> H x B x K from FitParams of earlier frames (most recent first)."""
+    pose = lambda p: torch.cat([p.global_pose + p.neck_pose, p.neck_pose, p.jaw_pose, p.eye_pose], 1)  # noqa: E731
+    trans = lambda p: torch.stack([p.cam[:, 1], p.cam[:, 2], p.cam[:, 3] / p.cam[:, 0]], 1)  # noqa: E731
+    return {"pose": torch.stack([pose(p) for p in params_list]), "exp": torch.stack([p.exp for p in params_list]),
+            "trans": torch.stack([trans(p) for p in params_list])}
+
+
+def test_temporal_residual_hand_computed():
+    x = torch.tensor([[1.0, 2.0]])
+    hist = torch.tensor([[[0.5, 1.0]], [[0.0, 1.0]]])  # h0 (previous frame), h1 (the one before)
+    assert torch.equal(temporal_residual(x, hist, 1), torch.tensor([[0.5, 1.0]]))
+    assert torch.equal(temporal_residual(x, hist, 2), torch.tensor([[0.0, 1.0]]))  # 1 - 1 + 0, 2 - 2 + 1
+    assert torch.equal(temporal_residual(x, hist[:1], 2), torch.zeros(1, 2))  # too early for an acceleration
+    assert torch.equal(temporal_residual(x, None, 1), torch.zeros(1, 2))
+
+
+def test_temporal_terms_values_and_residuals():
+    now, prev1, prev2 = _params(seed=0), _params(seed=1), _params(seed=2)
+    ctx = Context(now, {}, None, 96, {"history": _history([prev1, prev2])})
+    d_exp = now.exp - 2 * prev1.exp + prev2.exp
+    assert torch.allclose(TERMS["exp_accel"].fn(ctx), (d_exp ** 2).sum(1))
+    # pose velocity covers the head (global + neck), the neck, the jaw and the eyes
+    d_head = now.global_pose + now.neck_pose - prev1.global_pose - prev1.neck_pose
+    d_all = (d_head ** 2).sum(1) + sum(((getattr(now, n) - getattr(prev1, n)) ** 2).sum(1)
+                                       for n in ("neck_pose", "jaw_pose", "eye_pose"))
+    assert torch.allclose(TERMS["pose_velocity"].fn(ctx), d_all)
+    dist = lambda p: p.cam[:, 3] / p.cam[:, 0]  # noqa: E731  the model origin's distance, metres
+    d_depth = dist(now) - dist(prev1)
+    d_xy = now.cam[:, 1:3] - prev1.cam[:, 1:3]
+    assert torch.allclose(TERMS["trans_velocity"].fn(ctx), d_depth ** 2 + (d_xy ** 2).sum(1))
+    for name in ("pose_velocity", "pose_accel", "exp_velocity", "exp_accel", "trans_velocity", "trans_accel"):
+        term = TERMS[name]
+        assert torch.allclose(term.fn(ctx), (term.residual(ctx) ** 2).sum(1))
+    first = Context(now, {}, None, 96, {})  # the first frame of a track: nothing to compare with
+    assert torch.equal(TERMS["pose_accel"].fn(first), torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["pose_accel", "exp_velocity", "trans_accel", "trans_velocity"])
+def test_temporal_terms_gradient_matches_finite_differences(name):
+    prev = _history([_params(seed=1), _params(seed=2)])
+    base = _params(seed=0)
+    group = {"pose_accel": "jaw_pose", "exp_velocity": "exp"}.get(name, "cam")
+
+    def value(x):
+        p = FitParams(**{**dict(base.items()), group: x})
+        return TERMS[name].fn(Context(p, {}, None, 96, {"history": prev})).sum()
+
+    x = getattr(base, group).clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(value(x), x)
+    h = 1e-6
+    fd = torch.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        if group == "cam" and idx[1] >= 4:  # the principal point is fixed by the photo (not in the term)
+            continue
+        e = torch.zeros_like(x)
+        e[idx] = h
+        fd[idx] = (value(x.detach() + e) - value(x.detach() - e)) / (2 * h)
+    assert torch.allclose(grad, fd, rtol=1e-5, atol=1e-7)
+    assert grad.abs().sum() > 0
+
+
+def test_crop_camera_is_one_camera_for_every_crop():
+    """The same model point seen through two frames' crops lands on the same pixel, the one the clip's
+    K, R, t give; and camera_translation reads back what crop_camera was given."""
+    trans, focal, size = np.array([0.01, -0.02, 0.6]), 500.0, (360, 480)
+    point = torch.tensor([[[0.03, 0.05, 0.02]]])
+    K = clip_intrinsics(focal, size)
+    R, t = opencv_extrinsics(trans)
+    expect = project_opencv(point[0].numpy(), K, R, t)[0]
+    for box in (np.array([200.0, 170.0, 150.0]), np.array([260.0, 200.0, 90.0])):
+        cam = crop_camera(trans, focal, box, size)
+        assert np.allclose(camera_translation(cam)[0].numpy(), trans, atol=1e-6)
+        px = pinhole_project(point, cam, 96)[0, :, :2].numpy()
+        assert np.allclose(detect.from_crop(px, box, 96)[0], expect, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- One-Euro filter
+def test_one_euro_hand_computed():
+    """Two steps of the filter worked out by hand from its definition (Casiez et al. 2012)."""
+    alpha = lambda cutoff, dt: 1 / (1 + 1 / (2 * math.pi * cutoff) / dt)  # noqa: E731
+    dt, beta = 0.1, 0.1
+    # step 1: x 0 -> 1; derivative 10 smoothed at 1 Hz, cut-off 1 + beta * |dx_hat|
+    dx1 = alpha(1.0, dt) * 10.0
+    x1 = alpha(1.0 + beta * dx1, dt) * 1.0
+    # step 2: x stays 1
+    dx2 = alpha(1.0, dt) * ((1.0 - x1) / dt) + (1 - alpha(1.0, dt)) * dx1
+    a2 = alpha(1.0 + beta * dx2, dt)
+    x2 = a2 * 1.0 + (1 - a2) * x1
+    got = one_euro(np.array([0.0, 1.0, 1.0]), np.array([0.0, 0.1, 0.2]), min_cutoff=1.0, beta=beta, d_cutoff=1.0)
+    assert np.allclose(got, [0.0, x1, x2], atol=1e-12)
+    assert abs(x1 - 0.4654) < 1e-3  # the number on paper: alpha(1.3859 Hz, 0.1 s)
+
+
+def test_one_euro_smooths_noise_and_follows_fast_moves():
+    rng = np.random.default_rng(0)
+    t = np.arange(200) / 25.0
+    still = 1.0 + rng.normal(0, 0.01, 200)
+    out = one_euro(still, t, min_cutoff=1.0, beta=0.0)
+    assert out[20:].std() < 0.5 * still[20:].std()
+    ramp = np.concatenate([np.zeros(50), np.linspace(0, 10, 50), np.full(100, 10.0)])
+    lag_slow = np.abs(one_euro(ramp, t, 1.0, 0.0) - ramp)[50:100].max()
+    lag_fast = np.abs(one_euro(ramp, t, 1.0, 5.0) - ramp)[50:100].max()
+    assert lag_fast < 0.5 * lag_slow  # beta raises the cut-off with speed: less lag
+    with pytest.raises(ValueError):
+        f = OneEuroFilter()
+        f(0.0, 1.0)
+        f(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- interpolation
+def test_interpolate_missing_linear_codes_slerp_rotations_hold_at_ends():
+    ok = np.array([False, True, False, False, True, False])
+    exp = np.zeros((6, 2), np.float32)
+    exp[1], exp[4] = [0.0, 3.0], [3.0, 0.0]
+    rot = np.zeros((6, 3), np.float32)
+    rot[1], rot[4] = Rotation.from_euler("y", 10, degrees=True).as_rotvec(), \
+        Rotation.from_euler("x", 70, degrees=True).as_rotvec()
+    out = interpolate_missing({"exp": exp, "global_pose": rot, "eye_pose": np.concatenate([rot, rot], 1)}, ok)
+    assert np.allclose(out["exp"][2], [1.0, 2.0]) and np.allclose(out["exp"][3], [2.0, 1.0])
+    assert np.allclose(out["exp"][0], exp[1]) and np.allclose(out["exp"][5], exp[4])  # held at the ends
+    r1, r4 = Rotation.from_rotvec(rot[1]), Rotation.from_rotvec(rot[4])
+    total = (r1.inv() * r4).magnitude()
+    for k, w in ((2, 1 / 3), (3, 2 / 3)):  # on the geodesic from r1 to r4, at its share of the way
+        rk = Rotation.from_rotvec(out["global_pose"][k])
+        assert abs((r1.inv() * rk).magnitude() - w * total) < 1e-5
+        assert abs((rk.inv() * r4).magnitude() - (1 - w) * total) < 1e-5
+        assert np.allclose(out["eye_pose"][k], np.concatenate([out["global_pose"][k]] * 2), atol=1e-6)
+    assert np.array_equal(out["global_pose"][1], rot[1])  # good frames untouched
+
+
+# ----------------------------------------------------------------------------- video decoding
+def test_video_decoding_of_a_generated_clip(tmp_path):
+    import av
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for k in range(12):
+            img = np.full((48, 64, 3), 20 * k, np.uint8)
+            img[:, : 4 + 4 * k, 0] = 255  # a red bar growing frame by frame
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    src = io.FrameSource(path)
+    frames = list(src)
+    assert src.fps == pytest.approx(10.0) and [f.index for f in frames] == list(range(12))
+    assert frames[3].name == "000003" and frames[3].image.shape == (48, 64, 3)
+    for k, f in enumerate(frames):
+        assert abs(float(f.image[:, 40:, 1].mean()) - 20 * k) < 6  # grey level of frame k
+    sub = io.FrameSource(path, start=2, end=9, every=3)
+    assert [f.index for f in sub] == [2, 5, 8] and sub.fps == pytest.approx(10 / 3)
+    assert abs(float(list(sub)[1].image[:, 40:, 1].mean()) - 100) < 6
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(ImageError, match="bad.mp4"):
+        io.FrameSource(bad)
+
+
+def test_frame_folder_reports_corrupt_frames_and_goes_on(tmp_path):
+    for k in range(3):
+        io.write_png(tmp_path / f"f{k}.png", np.full((16, 16, 3), 50 * k, np.uint8))
+    (tmp_path / "f1.png").write_bytes(b"\x89PNG broken")
+    frames = list(io.FrameSource(tmp_path))
+    assert [f.name for f in frames] == ["f0.png", "f1.png", "f2.png"]
+    assert frames[1].image is None and "f1.png" in frames[1].error
+    assert frames[2].image is not None and frames[2].image[0, 0, 0] == 100
+    with pytest.raises(ImageError, match="select no frames"):
+        io.FrameSource(tmp_path, start=3, end=2)
+
+
+def test_write_video_round_trip(tmp_path):
+    frames = [np.full((31, 41, 3), 30 * k, np.uint8) for k in range(5)]
+    path = io.write_video(tmp_path / "v.mp4", frames, 12.5)
+    back = list(io.FrameSource(path))
+    assert len(back) == 5 and back[0].image.shape == (32, 42, 3)  # padded to even sizes
+    assert abs(float(back[4].image.mean()) - 120) < 4
+    assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]  # no temporary left behind
+
+
+# ----------------------------------------------------------------------------- tracking
+@pytest.fixture(scope="module")
+def clip(standin_model, tmp_path_factory):
+    """The benchmark's motion on FRAMES frames of SIZE px, with exact landmark files except for frame GAP."""
+    root = tmp_path_factory.mktemp("clip")
+    truth = clip_params(standin_model, 4 * FRAMES, SIZE, seed=3)[:FRAMES]  # the first quarter of the motion
+    images, lmk = render_clip(standin_model, truth, SIZE, seed=3)
+    folder = write_clip(root / "frames", images)
+    lmk_dir = root / "lmk"
+    lmk_dir.mkdir()
+    for k in range(FRAMES):
+        if k != GAP:
+            io.write_landmarks(lmk_dir / f"{k:04d}.npy", lmk[k])
+    return folder, lmk_dir, truth, lmk, images
+
+
+@pytest.fixture(scope="module")
+def cli_track(clip, standin_path, tmp_path_factory):
+    folder, lmk_dir, *_ = clip
+    out = tmp_path_factory.mktemp("tracked")
+    r = run("track", folder, "--out", out, "--landmarks", lmk_dir, "--model", standin_path,
+            *[a for s in SMALL for a in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    return out, r
+
+
+def test_cli_track_writes_the_contract(cli_track, clip, standin_model):
+    out, r = cli_track
+    assert sorted(p.name for p in out.iterdir()) == ["overlay.mp4", "track.json", "track.npz"]  # .partial gone
+    assert "tracked 8 frames (7 with a face)" in r.output
+    with np.load(out / "track.npz", allow_pickle=False) as data:
+        a = {k: data[k] for k in data.files}
+    assert set(a) == CONTRACT_KEYS
+    T, m = FRAMES, standin_model
+    shapes = {"shape": (m.n_shape,), "albedo": (m.n_verts, 3), "exp": (T, m.n_exp), "global_pose": (T, 3),
+              "neck_pose": (T, 3), "jaw_pose": (T, 3), "eye_pose": (T, 6), "R": (T, 3, 3), "t": (T, 3),
+              "landmarks2d": (T, 68, 2), "landmarks2d_target": (T, 68, 2), "frame_ok": (T,), "K": (3, 3),
+              "fps": (), "frames": (T,)}
+    assert {k: a[k].shape for k in shapes} == shapes
+    assert a["frame_ok"].dtype == bool and a["frame_ok"].tolist() == [k != GAP for k in range(T)]
+    assert a["frames"].tolist() == [f"{k:04d}.png" for k in range(T)] and float(a["fps"]) == 25.0
+    assert str(a["model"]) == m.tag and str(a["recipe"]) == "track"
+    assert np.allclose(a["K"], [[default_focal(), 0, SIZE / 2], [0, default_focal(), SIZE / 2], [0, 0, 1]])
+    assert np.isnan(a["landmarks2d_target"][GAP]).all() and np.isfinite(a["landmarks2d"]).all()
+    report = json.loads((out / "track.json").read_text())
+    assert [f["ok"] for f in report["per_frame"]] == a["frame_ok"].tolist()
+    gap = report["per_frame"][GAP]
+    assert gap["landmark_rmse_px"] is None and "no face" in gap["warnings"][-1]
+    assert all(f["landmark_rmse_px"] < 3.0 for f in report["per_frame"] if f["ok"])
+    video = list(io.FrameSource(out / "overlay.mp4"))
+    assert len(video) == T and video[0].image.shape == (SIZE, 2 * SIZE, 3)
+
+
+def default_focal():
+    from fitter.camera import default_focal_px
+
+    return default_focal_px(SIZE, SIZE)
+
+
+def test_track_follows_the_motion_and_fills_the_gap(cli_track, clip, standin_model):
+    out, _ = cli_track
+    _, _, truth, true_lmk, _ = clip
+    with np.load(out / "track.npz") as data:
+        a = {k: data[k] for k in data.files}
+    # the fitted head's landmarks, projected with the clip's K, R, t, follow the true ones (px)
+    err = np.sqrt(((a["landmarks2d"] - true_lmk) ** 2).sum(-1)).mean(1)
+    assert err[a["frame_ok"]].max() < 2.5
+    # the interpolated frame is off by less than the true motion from one neighbour to the other
+    assert err[GAP] < np.linalg.norm(true_lmk[GAP + 1] - true_lmk[GAP - 1], axis=-1).mean()
+    # the head's orientation (global then neck rotation; the truth has no neck rotation) within 4 degrees
+    head = Rotation.from_rotvec(a["global_pose"]) * Rotation.from_rotvec(a["neck_pose"])
+    true = Rotation.from_rotvec(np.concatenate([p.global_pose.numpy() for p in truth]))
+    assert (head.inv() * true).magnitude()[a["frame_ok"]].max() < np.deg2rad(4)
+    # the missing frame sits between its neighbours: linear codes, slerped rotations
+    assert np.allclose(a["exp"][GAP], (a["exp"][GAP - 1] + a["exp"][GAP + 1]) / 2, atol=1e-5)
+    r0, r1, rm = (Rotation.from_rotvec(a["global_pose"][k]) for k in (GAP - 1, GAP + 1, GAP))
+    assert abs((r0.inv() * rm).magnitude() - (rm.inv() * r1).magnitude()) < 1e-5
+    assert np.allclose(a["t"][GAP], (a["t"][GAP - 1] + a["t"][GAP + 1]) / 2, atol=1e-6)
+    assert np.allclose(a["R"], np.diag([1.0, -1.0, -1.0]))  # one fixed camera; the head moves
+
+
+def test_resume_after_interruption_refits_nothing_and_matches(cli_track, clip, standin_model, tmp_path):
+    out_ref, _ = cli_track
+    folder, lmk_dir, *_ = clip
+    stop_after = 3
+
+    def interrupt(k, rec):
+        if k == stop_after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        track_video(folder, tmp_path, model=standin_model, landmarks=lmk_dir, overrides=SMALL, on_frame=interrupt)
+    done = sorted(p.name for p in (tmp_path / ".partial" / "frames").iterdir())
+    assert done == [f"{k:06d}.npz" for k in range(stop_after + 1)]
+    assert not (tmp_path / "track.npz").exists()
+    fitted = []
+    track = track_video(folder, tmp_path, model=standin_model, landmarks=lmk_dir, overrides=SMALL,
+                        on_frame=lambda k, rec: fitted.append(k))
+    assert fitted == list(range(stop_after + 1, FRAMES)) and track.fitted_frames == FRAMES - stop_after - 1
+    assert track.report["resumed"]
+    with np.load(out_ref / "track.npz") as data:
+        for key in CONTRACT_KEYS - {"frames", "model", "recipe"}:
+            np.testing.assert_allclose(track.arrays[key], data[key], rtol=0, atol=1e-6, err_msg=key)
+    # another selection of the same clip does not reuse the old partial results
+    other = track_video(folder, tmp_path, model=standin_model, landmarks=lmk_dir, overrides=SMALL, end=5)
+    assert other.fitted_frames == 5 and not other.report["resumed"]
+
+
+def test_track_a_video_file(clip, standin_model, tmp_path, cli_track):
+    """The clip as an mp4: same frames (decoded), landmark files named by the frame index."""
+    folder, lmk_dir, _, true_lmk, images = clip
+    video = io.write_video(tmp_path / "clip.mp4", images, 25.0, crf=10)
+    named = tmp_path / "lmk"
+    named.mkdir()
+    for p in lmk_dir.iterdir():
+        (named / f"{int(p.stem):06d}.npy").write_bytes(p.read_bytes())
+    track = track_video(video, tmp_path / "out", model=standin_model, landmarks=named, overrides=SMALL, every=2)
+    a = track.arrays
+    assert a["frames"].tolist() == [0, 2, 4, 6] and float(a["fps"]) == pytest.approx(12.5)
+    assert a["frame_ok"].tolist() == [True, True, False, True]  # frame 4 has no landmark file
+    err = np.sqrt(((a["landmarks2d"] - true_lmk[::2]) ** 2).sum(-1)).mean(1)
+    assert err[a["frame_ok"]].max() < 3.0
+
+
+def test_bad_inputs_are_one_line(tmp_path, standin_path):
+    r = run("track", tmp_path, "--out", tmp_path / "o", "--model", standin_path)
+    assert r.exit_code == ImageError.exit_code and "holds no frames" in r.output
+    io.write_png(tmp_path / "f0.png", np.zeros((32, 32, 3), np.uint8))
+    r = run("track", tmp_path, "--out", tmp_path / "o", "--model", standin_path, "--set", "track.keyframe=3")
+    assert r.exit_code == 7 and "track.keyframe" in r.output  # RecipeError, naming the key
+
+
+def test_exported_track_plays_the_tracked_frames(cli_track, standin_path, tmp_path):
+    """track.npz as written goes through `cli.py export` (its reader checks the contract's keys)."""
+    out, _ = cli_track
+    r = run("export", out / "track.npz", "--format", "glb", "--out", tmp_path / "clip.glb", "--model", standin_path)
+    assert r.exit_code == 0, r.output
+    assert f"{FRAMES} frame(s) at 25 fps" in r.output and (tmp_path / "clip.glb").stat().st_size > 0
