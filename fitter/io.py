@@ -319,3 +319,20 @@ def hstack_images(images: list[np.ndarray]) -> np.ndarray:
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
         out.append(img)
     return np.concatenate(out, axis=1)
+
+
+# ----------------------------------------------------------------------------- logs
+def append_line(path, line: str) -> None:
+    """Append one text line to a log file atomically: one O_APPEND write under an exclusive lock,
+    so concurrent writers never interleave or tear a line."""
+    import fcntl
+
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)  # closing releases the lock
