@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -32,7 +33,7 @@ def handle_errors(fn):
         except FlamefitError as exc:
             if debug:
                 traceback.print_exc()
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")  # e.g. ".[ray]" is no markup
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
@@ -94,7 +95,7 @@ def report_outcome(path: Path, outcome, out_dir: Path | None, rows: list, quiet:
 def report_row(path: Path, outcome: dict | str, out_dir: Path, rows: list, quiet: bool):
     """One image's console line and summary row: its fit.json report (fitted) or its failure reason."""
     if isinstance(outcome, str):
-        console.print(f"[bold red]failed:[/] {outcome}")
+        console.print(f"[bold red]failed:[/] {escape(outcome)}")
         rows.append({"image": str(path), "status": "failed", "error": outcome})
         return
     for warning in outcome.get("warnings", []):
