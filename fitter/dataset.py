@@ -352,10 +352,11 @@ def _run_ray(opts: FitOptions, out: Path, run: str, expected_hash: str, batches,
                 record(r, report)
             submit(actor)
     finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
         if started:
-            ray.shutdown()
+            ray.shutdown()  # ends the instance and its workers
+        else:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
 
 
 def fit_dataset(paths, out, opts: FitOptions, engine: str = "local", workers: int | None = None,
