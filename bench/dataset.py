@@ -91,7 +91,7 @@ def run(n_images: int = 24, recipes=("fast", "default"), worker_counts=(1, 2), b
         paths = make_images(flame, n_images, Path(folder))
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         start = time.perf_counter()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         record["ray_init_s"] = round(time.perf_counter() - start, 2)
         try:
             for recipe in recipes:
@@ -151,8 +151,11 @@ def main(argv=None) -> None:
     record = run(args.images, args.recipes, args.workers, args.batch_size)
     if args.json:
         print(json.dumps(record))
-        return
+    else:
+        print_tables(record)
 
+
+def print_tables(record: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -22,7 +22,7 @@ import shutil
 import socket
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from priors.errors import FlamefitError, UsageError
@@ -286,7 +286,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if address in (None, "", "local"):
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **common)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **common)  # always a new one
     else:
         try:
             ray.init(address=address, **common)
@@ -294,6 +294,18 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
             raise UsageError(f"--address {address}: cannot join a Ray cluster ({str(exc).splitlines()[0]}); "
                              "fix: start one with `ray start --head` or leave --address out") from None
     return True
+
+
+def absolute_options(opts: FitOptions) -> FitOptions:
+    """The options with every path absolute and the model resolved here, so that workers started
+    in other folders (or on other nodes of a shared filesystem) read the driver's files."""
+    from priors.assets import resolve_model_path
+
+    from .recipe import recipe_path
+
+    return replace(opts, model=str(Path(resolve_model_path(opts.model)).absolute()),
+                   recipe=str(recipe_path(opts.recipe).absolute()),
+                   landmarks=str(Path(opts.landmarks).absolute()) if opts.landmarks is not None else None)
 
 
 def worker_threads(cpus: int, workers: int) -> int:
@@ -310,7 +322,8 @@ def _run_ray(opts: FitOptions, out: Path, run: str, expected_hash: str, batches,
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = min(workers or cpus, max(1, len(batches)))
         threads = worker_threads(cpus, workers)
-        actor_cls = ray.remote(FitWorker).options(num_cpus=threads, max_restarts=RAY_RETRIES,
+        actor_cls = ray.remote(FitWorker).options(num_cpus=threads, num_gpus=1 if opts.device == "cuda" else 0,
+                                                  max_restarts=RAY_RETRIES,
                                                   max_task_retries=RAY_RETRIES,
                                                   runtime_env=ray_runtime_env(threads))
         spawn = lambda: actor_cls.remote(opts, str(out), run, expected_hash, threads)  # noqa: E731
@@ -381,10 +394,9 @@ def fit_dataset(paths, out, opts: FitOptions, engine: str = "local", workers: in
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     flame = flame if flame is not None else load_flame(opts.model, opts.device)
-    if engine == "ray" and opts.model is None:  # every worker uses the model this driver resolved
-        from priors.assets import resolve_model_path
-
-        opts = FitOptions(**{**asdict(opts), "model": str(resolve_model_path(None))})
+    if engine == "ray":
+        paths = [p.absolute() for p in paths]
+        opts = absolute_options(opts)
     recipe = load_recipe(opts.recipe, opts.overrides)
     detector = opts.detector
     if detector != "file":
