@@ -90,6 +90,7 @@ def run(n_images: int = 24, recipes=("fast", "default"), worker_counts=(1, 2), b
     with tempfile.TemporaryDirectory(prefix="bench-dataset-in-") as folder:
         paths = make_images(flame, n_images, Path(folder))
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as fitter.dataset.start_ray: workers compete fairly
         start = time.perf_counter()
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         record["ray_init_s"] = round(time.perf_counter() - start, 2)

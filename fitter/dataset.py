@@ -284,6 +284,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default, 15, yields to anything else running
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if address in (None, "", "local"):
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **common)  # always a new one
