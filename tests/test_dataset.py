@@ -229,6 +229,7 @@ def ray_instance():
     """One local Ray instance (2 CPUs) for the module's Ray tests."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as fitter.dataset.start_ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
