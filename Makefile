@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned to the wheels that lie on this machine's disk (plain `torch` pulls GBs).
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ".[mediapipe,dev]"
+	$(BIN)/python -m pip install -q -e ".[mediapipe,dev,ray]"
 	touch $(STAMP)
 
 demo: setup

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
@@ -32,7 +33,7 @@ def handle_errors(fn):
         except FlamefitError as exc:
             if debug:
                 traceback.print_exc()
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")  # e.g. ".[ray]" is no markup
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
@@ -105,20 +106,24 @@ def expand_images(items) -> list[Path]:
 
 
 def report_outcome(path: Path, outcome, out_dir: Path | None, rows: list, quiet: bool):
-    if isinstance(outcome, FlamefitError):
-        console.print(f"[bold red]failed:[/] {outcome}")
-        rows.append({"image": str(path), "status": "failed", "error": str(outcome)})
+    report_row(path, str(outcome) if isinstance(outcome, FlamefitError) else outcome.report, out_dir, rows, quiet)
+
+
+def report_row(path: Path, outcome: dict | str, out_dir: Path, rows: list, quiet: bool):
+    """One image's console line and summary row: its fit.json report (fitted) or its failure reason."""
+    if isinstance(outcome, str):
+        console.print(f"[bold red]failed:[/] {escape(outcome)}")
+        rows.append({"image": str(path), "status": "failed", "error": outcome})
         return
-    rep = outcome.report
-    for warning in rep.get("warnings", []):
+    for warning in outcome.get("warnings", []):
         if warning not in _WARNED:
             _WARNED.add(warning)
             console.print(f"[yellow]warning:[/] {warning}")
-    rows.append({"image": str(path), "status": "ok", "out": str(out_dir), "seconds": rep["seconds"],
-                 "landmark_rmse_px": rep["landmark_rmse_px"]})
+    rows.append({"image": str(path), "status": "ok", "out": str(out_dir), "seconds": outcome["seconds"],
+                 "landmark_rmse_px": outcome["landmark_rmse_px"]})
     if not quiet:
-        console.print(f"[green]fitted[/] {path.name} -> {out_dir}  ({rep['seconds']:.1f} s, landmark RMSE "
-                      f"{rep['landmark_rmse_px']:.2f} px)")
+        console.print(f"[green]fitted[/] {path.name} -> {out_dir}  ({outcome['seconds']:.1f} s, landmark RMSE "
+                      f"{outcome['landmark_rmse_px']:.2f} px)")
 
 
 def with_options(opts, fn):
@@ -188,12 +193,18 @@ def main(debug, threads):
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @fit_options
+@click.option("--resume", is_flag=True, help="Skip images already fitted in OUT with the same model, recipe, options.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: in this process; ray: a pool of Ray workers (pip install \".[ray]\").")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Ray workers (default: one per CPU).")
+@click.option("--address", default=None, help="Ray cluster to join: auto or HOST:PORT (default: start one here).")
 @handle_errors
 def fit(images, out, model, recipe, landmarks, detector, device, batch_size, seed, init, face_index,
-        overrides, quiet, as_json):
-    """Fit one FLAME head per IMAGE; writes OUT/<stem>/ (fit.npz, mesh.obj, overlay.png, fit.json)."""
-    from fitter.fit import fit_images, load_flame
-    from fitter.outputs import write_fit_outputs
+        overrides, quiet, as_json, resume, engine, workers, address):
+    """Fit one FLAME head per IMAGE; writes OUT/<stem>/ (fit.npz, mesh.obj, overlay.png, fit.json)
+    and appends a line per image to OUT/manifest.jsonl."""
+    from fitter.dataset import FitOptions, fit_dataset
+    from fitter.fit import load_flame
 
     check_device(device)
     if init == "deca":
@@ -203,26 +214,29 @@ def fit(images, out, model, recipe, landmarks, detector, device, batch_size, see
     paths = expand_images(images)
     out_dir = Path(out)
     flame = load_flame(model, device)
+    opts = FitOptions(model=model, recipe=recipe, overrides=tuple(overrides), detector=detector,
+                      landmarks=landmarks, device=device, batch_size=batch_size or 1, seed=seed, init=init,
+                      face_index=face_index)
     rows: list = []
 
-    def on_target(i, outcome):
-        folder = None
-        if not isinstance(outcome, FlamefitError):
-            try:
-                folder = write_fit_outputs(out_dir, outcome, flame)
-            except FlamefitError as exc:
-                outcome = exc
-        report_outcome(paths[i], outcome, folder, rows, quiet)
+    def on_row(r, report):
+        if r["status"] == "skipped":
+            rows.append({"image": r["image"], "status": "skipped"})
+            return
+        outcome = report if r["status"] == "done" else r["reason"]
+        report_row(Path(r["image"]), outcome, out_dir / Path(r["image"]).stem, rows, quiet)
 
-    with StageProgress(quiet or as_json) as progress:
-        fit_images(paths, recipe=recipe, model=flame, detector=detector, landmarks=landmarks, device=device,
-                   batch_size=batch_size or 1, seed=seed, overrides=overrides, face_index=face_index,
-                   progress=progress, on_target=on_target, init=init)
-    failed = sum(r["status"] != "ok" for r in rows)
+    with StageProgress(quiet or as_json or engine != "local") as progress:
+        run = fit_dataset(paths, out_dir, opts, engine=engine, workers=workers, address=address, resume=resume,
+                          on_row=on_row, progress=progress, flame=flame)
+    counts = run.summary
     if as_json:
-        out_console.print_json(json.dumps({"results": rows, "failed": failed}))
-    if failed:
-        console.print(f"[bold red]{failed} of {len(rows)} image(s) failed[/]")
+        out_console.print_json(json.dumps({"results": rows, **counts, "manifest": str(out_dir / "manifest.jsonl")}))
+    elif not quiet and (counts["skipped"] or len(paths) > 1):
+        console.print(f"done {counts['done']}, failed {counts['failed']}, skipped {counts['skipped']} "
+                      f"(run {counts['run']}; {out_dir / 'manifest.jsonl'})")
+    if counts["failed"]:
+        console.print(f"[bold red]{counts['failed']} of {len(rows)} image(s) failed[/]")
         sys.exit(1)
 
 

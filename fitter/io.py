@@ -577,3 +577,19 @@ def write_video(path, frames, fps: float, crf: int = 23) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+# ----------------------------------------------------------------------------- logs
+def append_line(path, line: str) -> None:
+    """Append one text line to a log file atomically: one O_APPEND write under an exclusive lock,
+    so concurrent writers never interleave or tear a line."""
+    import fcntl
+
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)  # closing releases the lock
