@@ -1,0 +1,74 @@
+"""The dense landmark term in the fit: iris points drive the gaze, detected points weigh less."""
+
+import numpy as np
+import torch
+
+from fitter.camera import default_focal_px
+from fitter.fit import Targets, make_objective, make_setup
+from fitter.losses import TERMS, Context
+from fitter.optimize import run_stage
+from fitter.params import FitParams
+from fitter.recipe import parse_recipe
+from fitter.synth import synthesize
+
+
+def eye_triangles(model, per_eye: int = 12) -> np.ndarray:
+    """Some triangles on each eyeball's front (stand-ins for the 10 iris points) and on the face."""
+    w = model.weights.numpy()
+    faces = model.faces.numpy()
+    z = model.v_template.numpy()[:, 2]
+    picks = []
+    for joint in (3, 4):
+        on_eye = np.nonzero((w[faces, joint] > 0.5).all(1))[0]
+        front = on_eye[np.argsort(-z[faces[on_eye]].mean(1))][:per_eye]
+        picks.append(front)
+    skin = np.nonzero((w[faces, 3:] < 0.01).all(1))[0][::997][:20]
+    return np.concatenate(picks + [skin])
+
+
+def test_iris_points_recover_a_known_gaze(standin_model):
+    m = standin_model
+    tris = eye_triangles(m)
+    bary = np.full((len(tris), 3), 1 / 3, np.float32)
+    m.attach_dense(tris, bary)
+    try:
+        res = 224
+        truth = FitParams.initial(1, m.n_shape, m.n_exp, m.n_verts)
+        focal = default_focal_px(res, res) / (res / 2)
+        truth.cam = torch.tensor([[7.5, 0.0, 0.02, focal, 0.0, 0.0]])
+        truth.eye_pose = torch.tensor([[0.0, 0.25, 0.0, 0.0, 0.25, 0.0]])  # both eyes look 14 degrees aside
+        with torch.no_grad():
+            pred = synthesize(m, truth, res, render=False)
+        n = len(tris)
+        targets = Targets(torch.zeros(1, 3, res, res), pred["landmarks2d"], torch.ones(1, 1, res, res), torch.ones(68),
+                          torch.tensor([focal]), torch.zeros(1, 2), pred["dense2d"], torch.ones(1, n))
+        data = {"lr": {"eye_pose": 0.01}, "stages": {"gaze": {
+            "iterations": 20, "params": ["eye_pose"], "solver": "lm", "tol": 1e-8,
+            "weights": {"dense_landmark": 1.0, "eye_limit": 1.0}}}}
+        recipe = parse_recipe(data, "t", "t")
+        setup = make_setup(m, recipe)
+        start = FitParams(**{**dict(truth.items()), "eye_pose": torch.zeros(1, 6)})
+        out, rep = run_stage(start, recipe, recipe.stages[0], make_objective(setup, targets))
+        torch.testing.assert_close(out.eye_pose, truth.eye_pose, atol=5e-3, rtol=0)
+        # without the dense points (no detection: weights 0) the gaze has nothing to go on
+        blind = Targets(*[getattr(targets, f) for f in ("image", "landmarks", "mask", "lmk_weights", "focal",
+                                                         "principal", "dense")], torch.zeros(1, n))
+        out0, _ = run_stage(start, recipe, recipe.stages[0], make_objective(setup, blind))
+        assert out0.eye_pose.abs().max() < 1e-4
+    finally:
+        m.has_dense = False
+
+
+def test_detector_trust_scales_the_landmark_terms():
+    B = 2
+    params = FitParams.initial(B, 3, 2, 5)
+    pred = {"landmarks2d": torch.rand(B, 68, 2) * 100}
+    target = Targets(torch.zeros(B, 3, 8, 8), torch.rand(B, 68, 2) * 100, torch.ones(B, 1, 8, 8), torch.ones(68),
+                     trust=torch.tensor([1.0, 0.1]))
+    full = Targets(target.image, target.landmarks, target.mask, target.lmk_weights)
+    c, c1 = Context(params, pred, target, 224), Context(params, pred, full, 224)
+    for name in ("landmark", "eye_closure", "lip_distance"):
+        v, v1 = TERMS[name].fn(c), TERMS[name].fn(c1)
+        torch.testing.assert_close(v, v1 * torch.tensor([1.0, 0.1]))
+        r, r1 = TERMS[name].residual(c), TERMS[name].residual(c1)
+        torch.testing.assert_close((r ** 2).sum(1), (r1 ** 2).sum(1) * torch.tensor([1.0, 0.1]))
