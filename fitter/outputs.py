@@ -90,7 +90,7 @@ def overlay_panels(model: FlameModel, params: FitParams, target, lmk_fit: np.nda
     photo = target.image
     panel_render = render_on_photo(model, params, np.full_like(photo, 40), target.box, albedo_model=albedo_model)
     panel_overlay = render_on_photo(model, params, photo, target.box, grey=True, opacity=0.75)
-    radius = max(1, round(max(photo.shape[:2]) / 300))
+    radius = max(1, round(float(target.box[2]) / 80))  # by the face size: small faces keep visible points
     panel_overlay = io.draw_points(panel_overlay, lmk_target, color=(0, 255, 0), radius=radius)
     panel_overlay = io.draw_points(panel_overlay, lmk_fit, color=(255, 40, 40), radius=radius)
     return io.hstack_images([photo, panel_render, panel_overlay])

@@ -101,6 +101,9 @@ def model_mesh_hash(model) -> str:
     return mesh_hash(*model_mesh(model))
 
 
+BUNDLED = Path(__file__).resolve().parent / "data"  # embeddings shipped with flamefit, by mesh hash
+
+
 def embedding_path(hash_: str, home: str | Path | None = None) -> Path:
     """Where the embedding of the mesh with this hash is cached."""
     root = Path(home) if home is not None else flamefit_home()
@@ -108,9 +111,13 @@ def embedding_path(hash_: str, home: str | Path | None = None) -> Path:
 
 
 def find_dense_embedding(model, home: str | Path | None = None) -> Path | None:
-    """The cached embedding file for this model's mesh, or None."""
-    path = embedding_path(model_mesh_hash(model), home)
-    return path if path.is_file() else None
+    """The embedding file for this model's mesh: the cached (installed or derived) one, else one shipped
+    with flamefit (the ICT-FLAME stand-in's, derived by this module), else None."""
+    hash_ = model_mesh_hash(model)
+    for path in (embedding_path(hash_, home), BUNDLED / f"mediapipe478-{hash_}.npz"):
+        if path.is_file():
+            return path
+    return None
 
 
 # ----------------------------------------------------------------------------- file format
@@ -222,9 +229,10 @@ def dense_weights(emb: DenseEmbedding) -> np.ndarray:
 def dense_embedding_for(model, home: str | Path | None = None, derive: bool = True) -> DenseEmbedding:
     """The model's embedding: the cached one, else (derive=True) derived now with MediaPipe and cached
     (a few seconds to a minute; see derive_dense_embedding). AssetError if neither works."""
+    found = find_dense_embedding(model, home)
+    if found is not None:
+        return load_dense_embedding(found, model)
     path = embedding_path(model_mesh_hash(model), home)
-    if path.is_file():
-        return load_dense_embedding(path, model)
     if not derive:
         raise AssetError(f"{path}: no MediaPipe embedding for this model yet; fix: run a fit with the dense "
                          "term once (it derives one) or `cli.py assets install` an embedding file")

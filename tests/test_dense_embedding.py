@@ -4,6 +4,7 @@ install and doctor."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,10 +163,11 @@ def test_mediapipe_finds_478_points_on_a_render(standin_model):
 
 
 @needs_mediapipe
-def test_dense_embedding_for_derives_once_and_follows_mediapipe_topology(standin_model, tmp_path):
+def test_dense_embedding_for_derives_once_and_follows_mediapipe_topology(standin_model, tmp_path, monkeypatch):
     """The real derivation on the stand-in (15 renders): cached on first use, loaded after; the points land
     where MediaPipe's topology puts them."""
     model = standin_model
+    monkeypatch.setattr(DE, "BUNDLED", tmp_path / "nothing-shipped")  # derive, not the shipped file
     emb = DE.dense_embedding_for(model, home=tmp_path)
     path = DE.embedding_path(DE.model_mesh_hash(model), tmp_path)
     assert path.is_file()
@@ -357,3 +359,14 @@ def test_a_head_the_detector_never_finds_gets_a_clear_error(synth):
     with pytest.raises(AssetError, match="fewer than 2 of its renders") as info:
         DE.derive_dense_embedding(model, detector=lambda image, view: None, rendered=views)
     assert "\n" not in str(info.value) and "assets install" in str(info.value)
+
+
+def test_the_shipped_stand_in_embedding_is_what_derivation_gives(standin_model):
+    """priors/data holds the stand-in's embedding (so a first fit does not spend ~15 s deriving it);
+    it must load for the stand-in's mesh and agree with the MediaPipe layout like a derived one."""
+    path = DE.find_dense_embedding(standin_model, home=Path("/nonexistent"))
+    assert path is not None and path.parent == DE.BUNDLED
+    emb = DE.load_dense_embedding(path, standin_model)
+    template, faces = DE.model_mesh(standin_model)
+    p = DE.surface_points(template.astype(np.float64), faces, emb.faces, emb.bary)
+    assert emb.valid.sum() >= 470 and p[33, 0] < p[133, 0] < 0 < p[362, 0] < p[263, 0]
