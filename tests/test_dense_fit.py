@@ -26,37 +26,36 @@ def eye_triangles(model, per_eye: int = 12) -> np.ndarray:
     return np.concatenate(picks + [skin])
 
 
-def test_iris_points_recover_a_known_gaze(standin_model):
-    m = standin_model
+def test_iris_points_recover_a_known_gaze(standin_path):
+    from fitter.fit import load_flame
+
+    m = load_flame(standin_path)  # its own copy: attach_dense changes the model's lean buffers
     tris = eye_triangles(m)
     bary = np.full((len(tris), 3), 1 / 3, np.float32)
     m.attach_dense(tris, bary)
-    try:
-        res = 224
-        truth = FitParams.initial(1, m.n_shape, m.n_exp, m.n_verts)
-        focal = default_focal_px(res, res) / (res / 2)
-        truth.cam = torch.tensor([[7.5, 0.0, 0.02, focal, 0.0, 0.0]])
-        truth.eye_pose = torch.tensor([[0.0, 0.25, 0.0, 0.0, 0.25, 0.0]])  # both eyes look 14 degrees aside
-        with torch.no_grad():
-            pred = synthesize(m, truth, res, render=False)
-        n = len(tris)
-        targets = Targets(torch.zeros(1, 3, res, res), pred["landmarks2d"], torch.ones(1, 1, res, res), torch.ones(68),
-                          torch.tensor([focal]), torch.zeros(1, 2), pred["dense2d"], torch.ones(1, n))
-        data = {"lr": {"eye_pose": 0.01}, "stages": {"gaze": {
-            "iterations": 20, "params": ["eye_pose"], "solver": "lm", "tol": 1e-8,
-            "weights": {"dense_landmark": 1.0, "eye_limit": 1.0}}}}
-        recipe = parse_recipe(data, "t", "t")
-        setup = make_setup(m, recipe)
-        start = FitParams(**{**dict(truth.items()), "eye_pose": torch.zeros(1, 6)})
-        out, rep = run_stage(start, recipe, recipe.stages[0], make_objective(setup, targets))
-        torch.testing.assert_close(out.eye_pose, truth.eye_pose, atol=5e-3, rtol=0)
-        # without the dense points (no detection: weights 0) the gaze has nothing to go on
-        blind = Targets(*[getattr(targets, f) for f in ("image", "landmarks", "mask", "lmk_weights", "focal",
-                                                         "principal", "dense")], torch.zeros(1, n))
-        out0, _ = run_stage(start, recipe, recipe.stages[0], make_objective(setup, blind))
-        assert out0.eye_pose.abs().max() < 1e-4
-    finally:
-        m.has_dense = False
+    res = 224
+    truth = FitParams.initial(1, m.n_shape, m.n_exp, m.n_verts)
+    focal = default_focal_px(res, res) / (res / 2)
+    truth.cam = torch.tensor([[7.5, 0.0, 0.02, focal, 0.0, 0.0]])
+    truth.eye_pose = torch.tensor([[0.0, 0.25, 0.0, 0.0, 0.25, 0.0]])  # both eyes look 14 degrees aside
+    with torch.no_grad():
+        pred = synthesize(m, truth, res, render=False)
+    n = len(tris)
+    targets = Targets(torch.zeros(1, 3, res, res), pred["landmarks2d"], torch.ones(1, 1, res, res), torch.ones(68),
+                      torch.tensor([focal]), torch.zeros(1, 2), pred["dense2d"], torch.ones(1, n))
+    data = {"lr": {"eye_pose": 0.01}, "stages": {"gaze": {
+        "iterations": 20, "params": ["eye_pose"], "solver": "lm", "tol": 1e-8,
+        "weights": {"dense_landmark": 1.0, "eye_limit": 1.0}}}}
+    recipe = parse_recipe(data, "t", "t")
+    setup = make_setup(m, recipe)
+    start = FitParams(**{**dict(truth.items()), "eye_pose": torch.zeros(1, 6)})
+    out, rep = run_stage(start, recipe, recipe.stages[0], make_objective(setup, targets))
+    torch.testing.assert_close(out.eye_pose, truth.eye_pose, atol=5e-3, rtol=0)
+    # without the dense points (no detection: weights 0) the gaze has nothing to go on
+    blind = Targets(*[getattr(targets, f) for f in ("image", "landmarks", "mask", "lmk_weights", "focal",
+                                                     "principal", "dense")], torch.zeros(1, n))
+    out0, _ = run_stage(start, recipe, recipe.stages[0], make_objective(setup, blind))
+    assert out0.eye_pose.abs().max() < 1e-4
 
 
 def test_detector_trust_scales_the_landmark_terms():
