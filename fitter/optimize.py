@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -226,7 +227,15 @@ def lm_step(J: Tensor, r: Tensor, lam: Tensor) -> Tensor:
     diag = torch.diagonal(H, dim1=1, dim2=2)
     damp = lam.double()[:, None] * diag + 1e-9 * diag.mean(1, keepdim=True).clamp_min(1e-12)
     A = H + torch.diag_embed(damp)
-    return -torch.linalg.solve(A, g[..., None])[..., 0].to(J.dtype)
+    if A.is_cuda:
+        return -torch.linalg.solve(A, g[..., None])[..., 0].to(J.dtype)
+    # on the CPU through numpy: torch's batched LU runs MKL's threaded dgetrf inside its own
+    # parallel loop, and that nested OpenMP region was seen to spin forever with 2 threads
+    try:
+        step = np.linalg.solve(A.cpu().numpy(), g.cpu().numpy()[..., None])[..., 0]
+    except np.linalg.LinAlgError:  # a singular system: no step (run_lm_stage rejects non-finite ones)
+        step = np.full(g.shape, np.nan)
+    return -torch.from_numpy(step).to(dtype=J.dtype, device=J.device)
 
 
 def run_lm_stage(params: FitParams, stage: Stage, objective: Objective, progress: Progress | None = None,
