@@ -108,7 +108,6 @@ def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = Non
                             "--detector auto")
     if landmarks_file is not None:
         lmk = io.read_landmarks(landmarks_file) * scale
-        h, w = image.shape[:2]
         inside = (lmk[:, 0] > -0.5 * w) & (lmk[:, 0] < 1.5 * w) & (lmk[:, 1] > -0.5 * h) & (lmk[:, 1] < 1.5 * h)
         if not inside.all():
             raise LandmarkError(f"{landmarks_file}: landmarks lie far outside {path.name} ({w}x{h} px); "
@@ -246,7 +245,7 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
 
     def residuals(chunk: FitParams, stage: Stage, rows: Tensor) -> Tensor:
         """The stage's terms as one residual vector per row, each scaled by sqrt(weight) (least squares):
-        chunk holds the parameters of the target rows `rows` (len(rows) rows, repeats allowed) -> len(rows) x M."""
+        chunk holds the parameters of the target rows `rows` only (len(rows) rows) -> len(rows) x M."""
         tgt = targets.select(rows)
         pred = synthesize(setup.model, chunk, res, render=False, lean=True)
         ctx = Context(chunk, pred, tgt, res, {**setup.extra, "rows": rows})

@@ -245,8 +245,7 @@ def run_lm_stage(params: FitParams, stage: Stage, objective: Objective, progress
     solved one chunk at a time (they are independent)."""
     start = time.perf_counter()
     params = params.detach()
-    rows_all = torch.arange(params.batch, device=params.shape.device)
-    chunks = chunks if chunks is not None else [rows_all]
+    chunks = chunks if chunks is not None else [torch.arange(params.batch, device=params.shape.device)]
     names = list(stage.params)
     x = flatten_params(params, names)
     events: list[str] = []
@@ -254,15 +253,16 @@ def run_lm_stage(params: FitParams, stage: Stage, objective: Objective, progress
     iterations = 0
     for rows in chunks:
         base = params.select(rows.tolist())
-        local = torch.arange(len(rows), device=rows.device)
         xc = x[rows].clone()
 
-        def residual_fn(v: Tensor, base=base, local=local) -> Tensor:
-            return objective.residuals(unflatten_params(base, names, v), stage, local)
+        def residual_fn(v: Tensor, base=base, rows=rows) -> Tensor:  # v: this chunk's rows
+            return objective.residuals(unflatten_params(base, names, v), stage, rows)
 
-        def value(v: Tensor, base=base, local=local) -> tuple[Tensor, dict]:
+        def value(v: Tensor, rows=rows) -> tuple[Tensor, dict]:  # the whole batch, this chunk's rows replaced
             with torch.no_grad():
-                return objective(unflatten_params(base, names, v), stage, local)
+                full = x.clone()
+                full[rows] = v
+                return objective(unflatten_params(params, names, full), stage, rows)
 
         f, terms = value(xc)
         if not torch.isfinite(f).all():

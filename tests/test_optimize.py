@@ -156,3 +156,12 @@ def test_lm_refuses_terms_without_a_least_squares_form():
             "stages": {"s": {"iterations": 3, "params": ["shape"], "weights": {"photo": 1.0}, "solver": "lm"}}}
     with pytest.raises(RecipeError, match="'photo' has no least-squares form"):
         parse_recipe(data, "test", "test")
+
+
+def test_lm_in_chunks_solves_each_image_against_its_own_data():
+    goal = torch.tensor([[0.5, -1.0, 0.8], [1.2, 0.3, -0.5], [-0.3, 0.6, 0.2]])
+    obj, r = curve_residuals(goal), lm_recipe("lm", 30)
+    whole, _ = run_stage(FitParams.initial(3, 3, 2, 5), r, r.stages[0], obj)
+    chunked, _ = run_stage(FitParams.initial(3, 3, 2, 5), r, r.stages[0], obj,
+                           chunks=[torch.tensor([0]), torch.tensor([1, 2])])
+    torch.testing.assert_close(chunked.shape, whole.shape, atol=1e-5, rtol=0)
