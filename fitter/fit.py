@@ -6,6 +6,7 @@ the error) per image; the CLI only writes them to files.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -228,15 +229,27 @@ def without_term(recipe: Recipe, term: str) -> Recipe:
 def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
     """objective(params, stage, rows) -> (per-image total, per-term weighted values) for those rows."""
     res = setup.recipe.resolution
+    fixed: dict = {}  # (stage, rows) -> the geometry of a stage that fits appearance alone
 
     def objective(params: FitParams, stage: Stage, rows: Tensor):
         if tie_shape:  # one identity for the whole set (fit-set, shared mode)
             params = _with_shared_shape(params)
         chunk, tgt = params.select(rows), targets.select(rows)
         needs_render = any(TERMS[t].needs_render for t, w in stage.weights.items() if w > 0)
-        pred = synthesize(setup.model, chunk, res, render=needs_render,
-                          background=tgt.image if needs_render else None, lean=True,
-                          albedo_model=setup.albedo_model, maps=False)
+        key = (stage.name, tuple(rows.tolist()))
+        reuse = not GEOMETRY.intersection(stage.params) and needs_render
+        if reuse and key in fixed and not _same_geometry(fixed[key][0], chunk):
+            del fixed[key]
+        # faces turned away are hidden behind the head: the fit's renders skip them (cull_back)
+        with torch.no_grad() if reuse and key not in fixed else contextlib.nullcontext():
+            pred = synthesize(setup.model, chunk, res, render=needs_render,
+                              background=tgt.image if needs_render else None, lean=True,
+                              albedo_model=setup.albedo_model, maps=False, cull_back=True,
+                              fixed=fixed[key][1] if reuse and key in fixed else None)
+        if reuse and key not in fixed:  # first call: geometry kept, colours evaluated again with gradients
+            fixed[key] = (chunk, pred["fixed"])
+            pred = synthesize(setup.model, chunk, res, background=tgt.image, albedo_model=setup.albedo_model,
+                              maps=False, fixed=pred["fixed"])
         extra = {**setup.extra, "set_shapes": params.shape, "rows": rows}
         ctx = Context(chunk, pred, tgt, res, extra)
         terms = {name: w * TERMS[name].fn(ctx) for name, w in stage.weights.items() if w > 0}
@@ -255,6 +268,13 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
     if not tie_shape:  # least squares needs images with their own parameters
         objective.residuals = residuals
     return objective
+
+
+GEOMETRY = frozenset({"cam", "global_pose", "neck_pose", "jaw_pose", "eye_pose", "shape", "exp"})
+
+
+def _same_geometry(a: FitParams, b: FitParams) -> bool:
+    return all(torch.equal(getattr(a, n), getattr(b, n)) for n in GEOMETRY)
 
 
 def _with_shared_shape(params: FitParams) -> FitParams:

@@ -50,11 +50,11 @@ class Perceptual(nn.Module):
 
     def __init__(self, vgg_path: str | Path | None = None):
         super().__init__()
+        path = Path(vgg_path) if vgg_path else default_vgg_path()
+        if not path.is_file():  # before importing lpips: it pulls in torchvision (seconds) only to be dropped
+            raise AssetError(missing_weights_message(path))
         import lpips
 
-        path = Path(vgg_path) if vgg_path else default_vgg_path()
-        if not path.is_file():
-            raise AssetError(missing_weights_message(path))
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad archive

@@ -199,8 +199,9 @@ def _scan(table: Tensor, base: Tensor, counts: Tensor, row0: int, width: int, im
 
 
 @torch.no_grad()
-def _visible_faces(verts: Tensor, faces: Tensor, height: int, width: int) -> Tensor:
-    """Index pass. verts: B x V x 3 (detached), faces: F x 3 int64 -> B x H x W face ids."""
+def _visible_faces(verts: Tensor, faces: Tensor, height: int, width: int, cull_back: bool = False) -> Tensor:
+    """Index pass. verts: B x V x 3 (detached), faces: F x 3 int64 -> B x H x W face ids.
+    cull_back: skip the triangles drawn clockwise on the screen (see :func:`rasterize`)."""
     bsz = verts.shape[0]
     nf = faces.shape[0]
     # shift depth so that every depth inside a triangle is >= 1: its float bits then sort
@@ -213,7 +214,8 @@ def _visible_faces(verts: Tensor, faces: Tensor, height: int, width: int) -> Ten
     x0, y0, w, h = _bboxes(pts, height, width)
     area2 = _twice_area(pts)
     finite = torch.isfinite(pts.sum(dim=(1, 2)) + area2)
-    keep = torch.nonzero(finite & (area2.abs() > _AREA_EPS) & (w > 0) & (h > 0)).squeeze(1)
+    drawn = (area2 < -_AREA_EPS) if cull_back else (area2.abs() > _AREA_EPS)
+    keep = torch.nonzero(finite & drawn & (w > 0) & (h > 0)).squeeze(1)
     best = torch.full((bsz * height * width,), _KEY_EMPTY, dtype=torch.int64, device=verts.device)
     if keep.numel() == 0:
         return torch.full_like(best, -1).view(bsz, height, width)
@@ -283,20 +285,26 @@ def _scatter(values: Tensor, pix_idx: Tensor, size: int, fill: float) -> Tensor:
     return out.index_copy(1, pix_idx, values)
 
 
-def rasterize(verts: Tensor, faces: Tensor, height: int, width: int) -> Fragments:
+def rasterize(verts: Tensor, faces: Tensor, height: int, width: int, cull_back: bool = False) -> Fragments:
     """Rasterize triangles given in screen space.
 
     verts: B x V x 3 (x right, y down in pixels from the top-left corner; z depth, smaller is
     nearer). faces: F x 3 int64, shared by the batch. Returns :class:`Fragments` sampled at
     the pixel centres; ``bary`` and ``zbuf`` are differentiable w.r.t. ``verts`` (screen-space
     barycentrics: the vertices are already projected, no perspective correction).
+
+    cull_back: draw only the triangles whose corners run counter-clockwise on the screen as
+    seen (x right, y down): for a mesh wound counter-clockwise seen from outside, as FLAME's,
+    those facing the camera. On a closed surface the others are hidden anyway, so the picture
+    is the same at about half the index pass's work; through holes (an open mouth) the
+    background shows instead of the inside of the head.
     """
     if verts.dim() != 3 or verts.shape[-1] != 3:
         raise ValueError(f"verts must be B x V x 3, got {tuple(verts.shape)}")
     faces = faces.to(device=verts.device, dtype=torch.int64)
     bsz = verts.shape[0]
     n = bsz * height * width
-    p2f = _visible_faces(verts.detach(), faces, height, width)
+    p2f = _visible_faces(verts.detach(), faces, height, width, cull_back)
     pix_idx = torch.nonzero(p2f.view(-1) >= 0).squeeze(1)
     face = p2f.view(-1).index_select(0, pix_idx)
     x, y, z = _hit_corners(verts, faces, pix_idx, face, height * width)
@@ -571,20 +579,26 @@ def render_mesh(
     width: int,
     background: Tensor | None = None,
     sigma: float = 0.5,
+    cull_back: bool = False,
+    frags: Fragments | None = None,
+    cover: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> dict:
     """Rasterize, interpolate per-vertex colours and composite with antialiased alpha.
 
     verts: B x V x 3 screen space; faces: F x 3; colors: B x V x C; background: B x C x H x W
     (or broadcastable to it, e.g. 1 x C x H x W) or None (zeros); sigma: edge softness as in
-    :func:`soft_silhouette`. Empty pixels of the silhouette band take the colour of the
-    covered neighbour they get their coverage from. Returns a dict with
+    :func:`soft_silhouette`; cull_back as in :func:`rasterize`. Empty pixels of the silhouette
+    band take the colour of the covered neighbour they get their coverage from. Returns a dict with
     ``image`` B x C x H x W, ``alpha`` B x 1 x H x W, ``depth`` B x 1 x H x W (``zbuf`` with 0
     where empty, so it can be multiplied by a mask without NaNs), ``pix_to_face`` B x H x W and
-    ``frags`` (:class:`Fragments`).
+    ``frags`` (:class:`Fragments`) and ``cover`` (the antialiasing's coverage).
+
+    frags, cover: those of an earlier call with the same ``verts`` (e.g. colours fitted on a
+    fixed geometry): the rasterization and antialiasing are reused, only the colours change.
     """
-    frags = rasterize(verts, faces, height, width)
+    frags = rasterize(verts, faces, height, width, cull_back) if frags is None else frags
     rgb = _interpolate_cf(colors, faces, frags)  # C x (B*H*W)
-    return _composite_cf(verts, faces, frags, rgb, background, sigma)
+    return _composite_cf(verts, faces, frags, rgb, background, sigma, cover)
 
 
 def composite_pixels(
@@ -594,6 +608,7 @@ def composite_pixels(
     pixels: Tensor,
     background: Tensor | None = None,
     sigma: float = 0.5,
+    cover: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> dict:
     """:func:`render_mesh` for colours computed per pixel (e.g. sampled from a texture) instead
     of interpolated from the vertices.
@@ -602,18 +617,20 @@ def composite_pixels(
     result; pixels: B x C x H x W colours at the covered pixels (empty pixels must hold finite
     values, e.g. zeros: their alpha is 0, and those of the silhouette band take their covered
     neighbour's colour). Antialiasing and compositing are exactly those of :func:`render_mesh`;
-    returns the same dict.
+    returns the same dict (cover as there).
     """
     nch = pixels.shape[1]
     rgb = pixels.permute(1, 0, 2, 3).reshape(nch, -1)  # C x (B*H*W)
-    return _composite_cf(verts, faces, frags, rgb, background, sigma)
+    return _composite_cf(verts, faces, frags, rgb, background, sigma, cover)
 
 
 def _composite_cf(verts: Tensor, faces: Tensor, frags: Fragments, rgb: Tensor,
-                  background: Tensor | None, sigma: float) -> dict:
-    """The antialiasing and compositing of :func:`render_mesh`; rgb: C x (B*H*W) colours."""
+                  background: Tensor | None, sigma: float, cover: tuple | None = None) -> dict:
+    """The antialiasing and compositing of :func:`render_mesh`; rgb: C x (B*H*W) colours;
+    cover: the result of :func:`_silhouette` for these verts and frags, if known."""
     bsz, height, width = frags.pix_to_face.shape
-    alpha, dst, src = _silhouette(verts, faces, frags, sigma)
+    cover = _silhouette(verts, faces, frags, sigma) if cover is None else cover
+    alpha, dst, src = cover
     rgb = rgb.index_copy(1, dst, rgb.index_select(1, src))  # band pixels: neighbour's colour
     a = alpha.reshape(1, -1).to(rgb.dtype)
     image = rgb * a
@@ -630,6 +647,7 @@ def _composite_cf(verts: Tensor, faces: Tensor, frags: Fragments, rgb: Tensor,
         "depth": depth[:, None],
         "pix_to_face": frags.pix_to_face,
         "frags": frags,
+        "cover": cover,
     }
 
 

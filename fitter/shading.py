@@ -24,11 +24,11 @@ SH_CONSTANTS = (
 
 def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
     """Area-weighted unit vertex normals: verts B x V x 3, faces F x 3 -> B x V x 3."""
-    v0, v1, v2 = verts[:, faces[:, 0]], verts[:, faces[:, 1]], verts[:, faces[:, 2]]
-    fn = torch.cross(v1 - v0, v2 - v0, dim=-1)  # B x F x 3, length = 2 x area
-    normals = torch.zeros_like(verts)
-    for k in range(3):
-        normals = normals.index_add(1, faces[:, k], fn)
+    bsz, nf = verts.shape[0], faces.shape[0]
+    corners = faces.reshape(-1)  # one gather and one scatter for all three corners
+    c = verts.index_select(1, corners).view(bsz, nf, 3, 3)
+    fn = torch.linalg.cross(c[:, :, 1] - c[:, :, 0], c[:, :, 2] - c[:, :, 0])  # B x F x 3, length = 2 x area
+    normals = torch.zeros_like(verts).index_add(1, corners, fn[:, :, None].expand(-1, -1, 3, -1).reshape(bsz, -1, 3))
     return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
 
 

@@ -21,7 +21,8 @@ def model_output(model: FlameModel, params: FitParams, lean: bool = False):
 
 
 def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = True,
-               background: Tensor | None = None, lean: bool = False, albedo_model=None, maps: bool = True) -> dict:
+               background: Tensor | None = None, lean: bool = False, albedo_model=None, maps: bool = True,
+               cull_back: bool = False, fixed: dict | None = None) -> dict:
     """Evaluate a fit at crop resolution `res`.
 
     Returns vertices B x V x 3 (model space), landmarks2d B x 68 x 2 (crop pixels, silhouette
@@ -31,38 +32,50 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     composited over `background` B x 3 x res x res or black), alpha B x 1 x res x res (soft),
     shading B x 3 x res x res (irradiance x alpha), normals B x 3 x res x res (interpolated
     unit vertex normals, model/camera axes, x alpha), depth B x 1 x res x res (smaller = nearer,
-    0 where empty), pix_to_face B x res x res. maps=False leaves out shading and normals (the fit's
-    loss terms do not look at them; three channels render faster than nine).
+    0 where empty), pix_to_face B x res x res, and `fixed`: what depends on the geometry alone. maps=False
+    leaves out shading and normals (the fit's loss terms do not look at them; three channels render
+    faster than nine). cull_back: skip the triangles facing away (fitter.render.rasterize).
+
+    fixed: the `fixed` entry of an earlier result for the same shape, expression, pose and camera:
+    the model, its normals, the rasterization and the antialiasing are reused, only albedo and
+    light are applied anew (for stages that fit appearance on a fixed geometry).
 
     params.albedo B x V x 3 is per-vertex colour (interpolated like the shading);
     params.albedo B x K are coefficients of `albedo_model`, a fitter.albedo.TextureAlbedo
     (required then): see :func:`render_textured`.
     """
-    out = model_output(model, params, lean=lean and not render)
-    lmk = project(out.landmarks3d, params.cam, res)[..., :2]
-    pred = {"vertices": out.vertices, "landmarks2d": lmk, "landmarks3d": out.landmarks3d,
-            "landmarks2d_static": project(out.landmarks3d_full, params.cam, res)[..., :2]}
-    if out.dense is not None:
-        pred["dense2d"] = project(out.dense, params.cam, res)[..., :2]
-    if not render:
-        return pred
+    if fixed is not None:
+        pred, screen, normals = dict(fixed["pred"]), fixed["screen"], fixed["normals"]
+        frags, cover = fixed["frags"], fixed["cover"]
+    else:
+        out = model_output(model, params, lean=lean and not render)
+        lmk = project(out.landmarks3d, params.cam, res)[..., :2]
+        pred = {"vertices": out.vertices, "landmarks2d": lmk, "landmarks3d": out.landmarks3d,
+                "landmarks2d_static": project(out.landmarks3d_full, params.cam, res)[..., :2]}
+        if out.dense is not None:
+            pred["dense2d"] = project(out.dense, params.cam, res)[..., :2]
+        if not render:
+            return pred
+        screen = project(out.vertices, params.cam, res)
+        normals = vertex_normals(out.vertices, model.faces)
+        frags = cover = None
     faces = model.faces
-    screen = project(out.vertices, params.cam, res)
-    normals = vertex_normals(out.vertices, faces)
     shade = sh_shading(normals, params.light)
     if params.albedo.dim() == 2:  # texture-space coefficients
         if getattr(albedo_model, "kind", None) != "texture":
             raise UsageError(f"albedo holds {params.albedo.shape[1]} texture-space coefficients but no texture "
                              "space was given; fix: pass the fit's albedo model (fitter.albedo)")
         extra = torch.cat([shade, normals], -1) if maps else shade
-        out_r = render_textured(screen, faces, albedo_model, params.albedo, extra, res, res)
+        out_r = render_textured(screen, faces, albedo_model, params.albedo, extra, res, res, cull_back, frags, cover)
     else:
         colors = params.albedo * shade
         if maps:  # B x V x 9: colour, shading, normal
             colors = torch.cat([colors, shade, normals], dim=-1)
-        out_r = render_mesh(screen, faces, colors, res, res)  # premultiplied by the soft alpha
+        out_r = render_mesh(screen, faces, colors, res, res, cull_back=cull_back, frags=frags,
+                            cover=cover)  # premultiplied by the soft alpha
     alpha = out_r["alpha"]
     image = out_r["image"][:, :3]
+    geometry = dict(pred)
     pred.update(
         image=image if background is None else image + (1 - alpha) * background,
         alpha=alpha,
@@ -70,12 +83,14 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
         depth=out_r["depth"],
         pix_to_face=out_r["pix_to_face"],
         screen=screen,
+        fixed={"pred": geometry, "screen": screen, "normals": normals, "frags": out_r["frags"],
+               "cover": out_r["cover"]},
     )
     return pred
 
 
 def render_textured(screen: Tensor, faces: Tensor, albedo_model, coeffs: Tensor, shade: Tensor,
-                    height: int, width: int) -> dict:
+                    height: int, width: int, cull_back: bool = False, frags=None, cover=None) -> dict:
     """Render a texture-space albedo under per-vertex shading.
 
     screen: B x V x 3 screen-space vertices, faces: F x 3, albedo_model: a TextureAlbedo,
@@ -85,12 +100,12 @@ def render_textured(screen: Tensor, faces: Tensor, albedo_model, coeffs: Tensor,
     triangle's corners (Gouraud shading, as in the per-vertex path: cheap, and on FLAME's
     dense mesh the irradiance varies slowly); antialiasing and compositing as render_mesh.
     Returns render_mesh's dict with image B x (3 + C) x H x W: colour, then the interpolated
-    `shade` channels, premultiplied by the soft alpha.
+    `shade` channels, premultiplied by the soft alpha. cull_back, frags, cover: as render_mesh's.
     """
-    frags = rasterize(screen, faces, height, width)
+    frags = rasterize(screen, faces, height, width, cull_back) if frags is None else frags
     albedo = albedo_model.to(screen.device).sample(coeffs, frags)  # B x 3 x H x W, 0 where empty
     maps = interpolate(shade, faces, frags).permute(0, 3, 1, 2)  # B x C x H x W
-    return composite_pixels(screen, faces, frags, torch.cat([albedo * maps[:, :3], maps], dim=1))
+    return composite_pixels(screen, faces, frags, torch.cat([albedo * maps[:, :3], maps], dim=1), cover=cover)
 
 
 def face_mask_polygon(landmarks: np.ndarray, forehead: float = 0.35) -> np.ndarray:

@@ -53,3 +53,17 @@ def test_wrong_file(tmp_path):
     torch.save({"other.weight": torch.zeros(3)}, bad)
     with pytest.raises(AssetError, match="not a torchvision VGG16 state dict"):
         Perceptual(bad)
+
+
+def test_auto_without_weights_imports_no_lpips(tmp_path):
+    """'auto' without VGG weights drops the term before importing lpips (which pulls in torchvision
+    and torch._dynamo: seconds of start-up for a term that is then skipped)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fitter.perceptual import load_perceptual; "
+            f"module, warning = load_perceptual('auto', {str(tmp_path / 'absent.pth')!r}); "
+            "assert module is None and 'absent.pth' in warning; "
+            "print(sorted(m for m in ('lpips', 'torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -390,3 +390,39 @@ def test_cuda_matches_cpu():
     assert torch.equal(cpu["pix_to_face"], gpu["pix_to_face"].cpu())
     assert torch.allclose(cpu["image"], gpu["image"].cpu(), atol=1e-5)
     assert torch.allclose(gcpu, ggpu.cpu(), atol=1e-4)
+
+
+def test_cull_back_keeps_the_picture_of_a_closed_surface():
+    # uv_sphere is built in screen space (y down), where its triangles run clockwise seen from
+    # outside; reversed, they run counter-clockwise as a projected FLAME mesh does. Culled, the far
+    # half is skipped but every pixel shows the same triangle as before
+    verts, faces = uv_sphere(50.0, (64.2, 63.7), 24, 48)
+    faces = faces[:, [0, 2, 1]]
+    v = tensor(verts, dtype=torch.float32)[None]
+    f = torch.as_tensor(faces)
+    full = rasterize(v, f, 128, 128)
+    culled = rasterize(v, f, 128, 128, cull_back=True)
+    assert torch.equal(full.pix_to_face, culled.pix_to_face)
+    assert (full.pix_to_face >= 0).sum() > 7000
+    # wound the other way round, the near half faces away: culled, the inside of the far half shows
+    inside_out = rasterize(v, f[:, [0, 2, 1]], 128, 128, cull_back=True).pix_to_face
+    assert torch.equal(inside_out >= 0, full.pix_to_face >= 0)
+    seen = inside_out[inside_out >= 0]
+    assert (v[0, f[seen], 2].mean(dim=1) > 0).all()  # depth > 0: the far half only
+
+
+def test_cull_back_shows_the_background_through_a_hole():
+    verts, faces = uv_sphere(50.0, (64.0, 64.0), 24, 48)
+    faces = faces[:, [0, 2, 1]]  # counter-clockwise on screen seen from outside (see above)
+    v = tensor(verts, dtype=torch.float32)[None]
+    near_pole = 0  # depth -50: the vertex nearest to the viewer
+    keep = ~np.isin(faces, np.nonzero(verts[:, 2] < -40)[0]).any(1)  # a hole around the near pole
+    assert not keep[(faces == near_pole).any(1)].any()
+    f = torch.as_tensor(faces[keep])
+    full = rasterize(v, f, 128, 128)
+    culled = rasterize(v, f, 128, 128, cull_back=True)
+    centre_full, centre_culled = full.pix_to_face[0, 64, 64], culled.pix_to_face[0, 64, 64]
+    assert centre_full >= 0 and verts[faces[keep][centre_full], 2].min() > 40  # the inside of the far half
+    assert centre_culled == -1  # culled: the hole is empty
+    ring = (full.pix_to_face[0] >= 0) & (culled.pix_to_face[0] >= 0)
+    assert torch.equal(full.pix_to_face[0][ring], culled.pix_to_face[0][ring])  # around it, unchanged
