@@ -76,6 +76,34 @@ def batch_rigid_transform(rot_mats: Tensor, joints: Tensor, parents: Tensor) -> 
     return posed_joints, rel_transforms
 
 
+def lbs_transforms(coeffs: Tensor, pose: Tensor, v_template: Tensor, dirs: Tensor, J_regressor: Tensor,
+                   parents: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The shaped rest pose and the joint transforms of linear blend skinning.
+
+    coeffs B x K, pose B x (J*3) axis-angle, v_template V x 3, dirs V x 3 x K, J_regressor J x V,
+    parents J -> v_shaped B x V x 3, pose_feature B x 9(J-1) (the correctives' input), transforms
+    A B x J x 4 x 4 (rest-pose points to posed points) and posed joints B x J x 3.
+    """
+    B = coeffs.shape[0]
+    v_shaped = v_template[None] + blend_shapes(coeffs, dirs)
+    joints = vertices2joints(J_regressor, v_shaped)
+    rot_mats = batch_rodrigues(pose.reshape(-1, 3)).view(B, -1, 3, 3)
+    eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
+    pose_feature = (rot_mats[:, 1:] - eye).reshape(B, -1)
+    posed_joints, A = batch_rigid_transform(rot_mats, joints, parents)
+    return v_shaped, pose_feature, A, posed_joints
+
+
+def skin(v_shaped: Tensor, pose_feature: Tensor, A: Tensor, posedirs: Tensor | None, weights: Tensor) -> Tensor:
+    """Pose correctives and skinning: v_shaped B x N x 3, pose_feature B x P, A B x J x 4 x 4,
+    posedirs P x (N*3) or None (no correctives), weights N x J -> posed points B x N x 3."""
+    B = v_shaped.shape[0]
+    v_posed = v_shaped if posedirs is None else v_shaped + (pose_feature @ posedirs).view(B, -1, 3)
+    T = (weights @ A[:, :, :3].reshape(B, -1, 12)).view(B, -1, 3, 4)  # B x N x 3 x 4
+    # elementwise rather than N tiny 3 x 3 matmuls (several times faster on the CPU, and under vmap)
+    return (T[..., :3] * v_posed[:, :, None]).sum(-1) + T[..., 3]
+
+
 def lbs(
     coeffs: Tensor,
     pose: Tensor,
@@ -92,18 +120,8 @@ def lbs(
     v_template V x 3, dirs V x 3 x K, posedirs P x (V*3) with P = 9 * (J - 1) (None: no pose
     correctives), J_regressor J x V, parents J, weights V x J -> vertices B x V x 3, joints B x J x 3.
     """
-    B = coeffs.shape[0]
-    v_shaped = v_template[None] + blend_shapes(coeffs, dirs)
-    joints = vertices2joints(J_regressor, v_shaped)
-    rot_mats = batch_rodrigues(pose.reshape(-1, 3)).view(B, -1, 3, 3)
-    eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
-    pose_feature = (rot_mats[:, 1:] - eye).reshape(B, -1)
-    v_posed = v_shaped if posedirs is None else v_shaped + (pose_feature @ posedirs).view(B, -1, 3)
-    posed_joints, A = batch_rigid_transform(rot_mats, joints, parents)
-    T = (weights @ A[:, :, :3].reshape(B, -1, 12)).view(B, -1, 3, 4)  # B x V x 3 x 4
-    # elementwise rather than V tiny 3 x 3 matmuls (several times faster on the CPU, and under vmap)
-    verts = (T[..., :3] * v_posed[:, :, None]).sum(-1) + T[..., 3]
-    return verts, posed_joints
+    v_shaped, pose_feature, A, posed_joints = lbs_transforms(coeffs, pose, v_template, dirs, J_regressor, parents)
+    return skin(v_shaped, pose_feature, A, posedirs, weights), posed_joints
 
 
 def vertices2landmarks(vertices: Tensor, faces: Tensor, lmk_faces: Tensor, lmk_bary: Tensor) -> Tensor:
@@ -171,12 +189,32 @@ class FlameModel(nn.Module):
 
     def attach_dense(self, faces: np.ndarray, bary: np.ndarray) -> None:
         """Evaluate a dense landmark embedding (a triangle and barycentric weights per point, N and
-        N x 3) with every forward pass, lean ones included: FlameOutput.dense is then B x N x 3."""
-        self.register_buffer("dense_faces", torch.as_tensor(np.asarray(faces, np.int64), device=self.faces.device))
-        self.register_buffer("dense_bary", torch.as_tensor(np.asarray(bary, np.float32), device=self.faces.device))
+        N x 3) with every forward pass, lean ones included: FlameOutput.dense is then B x N x 3.
+
+        Each point is skinned as a surface point of its own: its template position, blendshapes,
+        pose correctives and skinning weights are its corners' interpolated with its barycentric
+        weights, then posed like a vertex. That is exactly the posed corners interpolated wherever
+        the corners share their skinning weights, and differs only at second order (the weights'
+        change across one triangle times its size times the joints' relative rotation) where they
+        do not; one row per point instead of three vertices keeps the landmark stages' Jacobians
+        small."""
+        dev = self.faces.device
+        f = torch.as_tensor(np.asarray(faces, np.int64), device=dev)
+        b = torch.as_tensor(np.asarray(bary, np.float32), device=dev)
+        corners = self.faces[f]  # N x 3
+        P = self.posedirs.shape[0]
+
+        def blend(t: Tensor) -> Tensor:  # V x ... -> N x ...
+            return (t[corners] * b.view(*b.shape, *([1] * (t.dim() - 1)))).sum(1)
+
+        self.register_buffer("dense_faces", f)
+        self.register_buffer("dense_bary", b)
+        self.register_buffer("dense_template", blend(self.v_template))
+        self.register_buffer("dense_dirs", blend(self.dirs))
+        self.register_buffer("dense_posedirs", blend(self.posedirs.view(P, -1, 3).transpose(0, 1))
+                             .transpose(0, 1).reshape(P, -1).contiguous())
+        self.register_buffer("dense_weights", blend(self.weights))
         self.has_dense = True
-        if self.has_landmarks:
-            self._init_lean(np.concatenate([self._landmark_tris, np.asarray(faces, np.int64).ravel()]))
 
     def _init_lean(self, tri_ids: np.ndarray) -> None:
         """Buffers for evaluating only the vertices that the landmark triangles `tri_ids` and the joints
@@ -252,9 +290,10 @@ class FlameModel(nn.Module):
         else:
             buffers = (self.v_template, self.dirs, self.posedirs, self.J_regressor)
             weights, faces = self.weights, self.faces
-        if not self.has_correctives:
-            buffers = (buffers[0], buffers[1], None, buffers[3])
-        verts, joints = lbs(coeffs, pose, *buffers, self.parents, weights)
+        template, dirs, posedirs, J_regressor = buffers
+        correctives = self.has_correctives
+        v_shaped, pose_feature, A, joints = lbs_transforms(coeffs, pose, template, dirs, J_regressor, self.parents)
+        verts = skin(v_shaped, pose_feature, A, posedirs if correctives else None, weights)
         if transl is not None:
             verts = verts + transl[:, None]
             joints = joints + transl[:, None]
@@ -263,7 +302,9 @@ class FlameModel(nn.Module):
         else:
             lmk = full = verts.new_zeros(verts.shape[0], 68, 3)
         dense = None
-        if self.has_dense:
-            B = verts.shape[0]
-            dense = vertices2landmarks(verts, faces, self.dense_faces.expand(B, -1), self.dense_bary.expand(B, -1, -1))
+        if self.has_dense:  # surface points skinned on their own (attach_dense)
+            shaped = self.dense_template[None] + blend_shapes(coeffs, self.dense_dirs)
+            dense = skin(shaped, pose_feature, A, self.dense_posedirs if correctives else None, self.dense_weights)
+            if transl is not None:
+                dense = dense + transl[:, None]
         return FlameOutput(verts, joints, lmk, full, dense)

@@ -129,3 +129,40 @@ def test_lean_evaluation_matches_full(standin):
     torch.testing.assert_close(lean.landmarks3d, full.landmarks3d, atol=1e-6, rtol=0)
     torch.testing.assert_close(lean.landmarks3d_full, full.landmarks3d_full, atol=1e-6, rtol=0)
     torch.testing.assert_close(lean.joints, full.joints, atol=1e-6, rtol=0)
+
+
+def _posed_bary(out_vertices, faces, f, b):
+    return (out_vertices[:, faces[f]] * b[None, :, :, None]).sum(2)
+
+
+def test_dense_points_are_skinned_surface_points(synthetic_model_dir):
+    """attach_dense skins each point on its own (interpolated template, blendshapes, correctives and
+    weights): equal to interpolating the posed corners where they share skinning weights, within
+    a small second-order difference elsewhere; the lean and full evaluations agree, and the lean one
+    does not grow with the points."""
+    model = FlameModel(load_model(synthetic_model_dir))
+    assert model.has_correctives  # the synthetic model has pose correctives: they are interpolated too
+    rng = np.random.default_rng(3)
+    f = rng.integers(0, model.faces.shape[0], 300)
+    b = torch.as_tensor(rng.dirichlet(np.ones(3), 300), dtype=torch.float32)
+    lean_before = model.lean_template.shape[0]
+    model.attach_dense(f, b.numpy())
+    assert model.lean_template.shape[0] == lean_before
+    torch.manual_seed(2)
+    p = zeros(model, B=2)
+    p["shape"], p["exp"] = torch.randn(2, model.n_shape), torch.randn(2, model.n_exp)
+    p["global_pose"] = torch.tensor([[0.1, 0.5, 0.0], [0.0, -0.3, 0.1]])
+    p["neck_pose"] = torch.tensor([[0.3, 0.1, 0.0], [-0.2, 0.0, 0.2]])
+    p["jaw_pose"] = torch.tensor([[0.3, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    full, lean = model(**p), model(**p, lean=True)
+    torch.testing.assert_close(lean.dense, full.dense, atol=1e-6, rtol=0)
+    exact = _posed_bary(full.vertices, model.faces, torch.as_tensor(f), b)
+    w = model.weights[model.faces[torch.as_tensor(f)]]  # 300 x 3 x J
+    same = (w - w[:, :1]).abs().amax(dim=(1, 2)) < 1e-6
+    assert same.sum() > 50 and (~same).sum() > 20
+    torch.testing.assert_close(full.dense[:, same], exact[:, same], atol=2e-6, rtol=0)
+    size = (model.v_template[model.faces[torch.as_tensor(f)]] - model.v_template[model.faces[torch.as_tensor(f)]]
+            .mean(1, keepdim=True)).norm(dim=-1).amax(1)  # each triangle's radius
+    gap = (full.dense - exact).norm(dim=-1)
+    assert (gap[:, ~same] <= 0.5 * size[~same]).all()  # second order: well inside the triangle's own size
+    assert gap.max() > 0  # (the blended weights do differ from the posed corners' somewhere)
