@@ -1,0 +1,167 @@
+"""Where a fit's time goes: `python -m bench.profile [--json] [--image PATH] [--repeats N]`.
+
+Two parts, each figure also in units of R (bench.render's 224 px batch-1 forward + backward,
+measured in the same run, before and after):
+
+- **start-up**, in a fresh Python process (what one `cli.py fit` command pays before its first
+  iteration): `import torch`, importing the fitter, loading the model, the first and a second
+  MediaPipe detection on the image, preparing the fit (recipe, setup, targets, dense embedding),
+  then one whole default fit and writing its outputs (fit.npz, mesh.obj, overlay.png, fit.json);
+- **one photometric iteration** of the default recipe on that image, forward + backward of each
+  part on its own: the model (full mesh), normals + SH shading, rasterization + compositing
+  (back faces culled, as the fit renders), and the whole objective (all terms, the landmark ones
+  included); "terms and glue" is the whole minus the three parts. One Adam update is timed apart.
+  The medians of `--repeats` runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SAMPLE = Path(__file__).resolve().parents[1] / "fitter" / "samples" / "astronaut.png"
+
+# Run in a fresh interpreter: prints one JSON object of phase -> seconds.
+STARTUP = r"""
+import json, sys, tempfile, time
+from pathlib import Path
+t = [time.perf_counter()]
+import torch
+t.append(time.perf_counter())
+from fitter.fit import attach_dense_embedding, fit_targets, load_flame, make_setup, prepare_target, stack_targets
+from fitter.outputs import write_fit_outputs
+from fitter.recipe import load_recipe
+from fitter.optimize import prewarm_jacobians
+t.append(time.perf_counter())
+recipe = load_recipe("default")
+prewarm_jacobians()
+flame = load_flame(None)
+t.append(time.perf_counter())
+target = prepare_target(sys.argv[1], recipe.resolution)
+t.append(time.perf_counter())
+prepare_target(sys.argv[1], recipe.resolution)
+t.append(time.perf_counter())
+setup = make_setup(flame, recipe)
+attach_dense_embedding(setup, stack_targets([target], recipe.landmark_weights, "cpu", recipe.detector_trust))
+t.append(time.perf_counter())
+result = fit_targets(setup, [target])[0]
+t.append(time.perf_counter())
+with tempfile.TemporaryDirectory() as out:
+    write_fit_outputs(Path(out), result, flame)
+t.append(time.perf_counter())
+names = ["import torch", "import fitter", "model load", "detection (first)", "detection (again)",
+         "fit setup", "default fit", "write outputs"]
+print(json.dumps({n: b - a for n, a, b in zip(names, t, t[1:])}))
+"""
+
+
+def median_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def startup(image: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", STARTUP, str(image)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    if out.returncode != 0:
+        raise SystemExit(f"bench.profile: the start-up run failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def photometric_parts(image: Path, repeats: int) -> dict:
+    import torch
+
+    from fitter.camera import project
+    from fitter.fit import attach_dense_embedding, initial_params, load_flame, make_objective, make_setup, \
+        prepare_target, stack_targets
+    from fitter.optimize import Adam
+    from fitter.recipe import load_recipe
+    from fitter.render import render_mesh
+    from fitter.shading import sh_shading, vertex_normals
+    from fitter.synth import model_output
+
+    flame = load_flame(None)
+    recipe = load_recipe("default")
+    setup = make_setup(flame, recipe)
+    target = prepare_target(image, recipe.resolution)
+    batch = attach_dense_embedding(setup, stack_targets([target], recipe.landmark_weights, "cpu",
+                                                        recipe.detector_trust))
+    objective = make_objective(setup, batch)
+    stage = next(s for s in recipe.stages if s.name == "photometric")
+    params = initial_params(setup, batch).map(lambda x: x.detach().clone().requires_grad_(True))
+    rows = torch.arange(1)
+    res = recipe.resolution
+
+    def whole():
+        objective(params, stage, rows)[0].sum().backward()
+
+    def model():
+        model_output(flame, params).vertices.sum().backward()
+
+    with torch.no_grad():
+        verts = model_output(flame, params).vertices
+    v = verts.clone().requires_grad_(True)
+
+    def shading():
+        (sh_shading(vertex_normals(v, flame.faces), params.light) * params.albedo).sum().backward()
+
+    screen = project(verts, params.cam, res).detach().requires_grad_(True)
+    colors = torch.rand(1, flame.n_verts, 3, requires_grad=True)
+
+    def raster():
+        out = render_mesh(screen, flame.faces, colors, res, res, background=batch.image, cull_back=True)
+        (out["image"].sum() + out["alpha"].sum()).backward()
+
+    leaves = {n: getattr(params, n) for n in stage.params}
+    for t in leaves.values():
+        t.grad = torch.randn_like(t)
+    adam = Adam([{"params": [t], "lr": 1e-3} for t in leaves.values()])
+    parts = {"model (full mesh)": median_ms(model, repeats), "normals + SH shading": median_ms(shading, repeats),
+             "rasterize + composite": median_ms(raster, repeats), "Adam update": median_ms(adam.step, repeats)}
+    parts["whole objective"] = median_ms(whole, repeats)
+    parts["terms and glue"] = parts["whole objective"] - sum(parts[k] for k in list(parts)[:3])
+    return {"resolution": res, "ms": parts}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--image", type=Path, default=SAMPLE)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args(argv)
+    from .fit import measure_R
+    from fitter.fit import load_flame
+
+    flame = load_flame(None)
+    r_start = measure_R(flame)
+    start = startup(args.image)
+    step = photometric_parts(args.image, args.repeats)
+    r_end = measure_R(flame)
+    R = min(r_start, r_end)
+    out = {"R_ms_start": r_start, "R_ms_end": r_end, "R_ms": R, "image": str(args.image),
+           "startup_s": start, "startup_R": {k: v * 1000 / R for k, v in start.items()},
+           "photometric": step, "photometric_R": {k: v / R for k, v in step["ms"].items()}}
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"R = {R:.1f} ms (start {r_start:.1f}, end {r_end:.1f})")
+    for k, v in start.items():
+        print(f"  {k:24s} {v:7.2f} s  {v * 1000 / R:7.0f} R")
+    print(f"one photometric iteration at {step['resolution']} px:")
+    for k, v in step["ms"].items():
+        print(f"  {k:24s} {v:7.1f} ms {v / R:6.2f} R")
+
+
+if __name__ == "__main__":
+    main()
