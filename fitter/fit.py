@@ -6,7 +6,6 @@ the error) per image; the CLI only writes them to files.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -229,27 +228,28 @@ def without_term(recipe: Recipe, term: str) -> Recipe:
 def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
     """objective(params, stage, rows) -> (per-image total, per-term weighted values) for those rows."""
     res = setup.recipe.resolution
-    fixed: dict = {}  # (stage, rows) -> the geometry of a stage that fits appearance alone
+    kept: dict = {}  # (stage, rows) -> (params, geometry) of a stage that fits appearance alone
+
+    def fixed_geometry(stage: Stage, rows: Tensor, chunk: FitParams, tgt: Targets) -> dict:
+        """The model, normals and rasterization of a stage that moves no geometry: made once, reused."""
+        key = (stage.name, tuple(rows.tolist()))
+        hit = kept.get(key)
+        if hit is None or not _same_geometry(hit[0], chunk):
+            with torch.no_grad():
+                pred = synthesize(setup.model, chunk, res, background=tgt.image, albedo_model=setup.albedo_model,
+                                  maps=False, cull_back=True)
+            hit = kept[key] = (chunk, pred["fixed"])
+        return hit[1]
 
     def objective(params: FitParams, stage: Stage, rows: Tensor):
         if tie_shape:  # one identity for the whole set (fit-set, shared mode)
             params = _with_shared_shape(params)
         chunk, tgt = params.select(rows), targets.select(rows)
         needs_render = any(TERMS[t].needs_render for t, w in stage.weights.items() if w > 0)
-        key = (stage.name, tuple(rows.tolist()))
-        reuse = not GEOMETRY.intersection(stage.params) and needs_render
-        if reuse and key in fixed and not _same_geometry(fixed[key][0], chunk):
-            del fixed[key]
+        fixed = fixed_geometry(stage, rows, chunk, tgt) if needs_render and not GEOMETRY & set(stage.params) else None
         # faces turned away are hidden behind the head: the fit's renders skip them (cull_back)
-        with torch.no_grad() if reuse and key not in fixed else contextlib.nullcontext():
-            pred = synthesize(setup.model, chunk, res, render=needs_render,
-                              background=tgt.image if needs_render else None, lean=True,
-                              albedo_model=setup.albedo_model, maps=False, cull_back=True,
-                              fixed=fixed[key][1] if reuse and key in fixed else None)
-        if reuse and key not in fixed:  # first call: geometry kept, colours evaluated again with gradients
-            fixed[key] = (chunk, pred["fixed"])
-            pred = synthesize(setup.model, chunk, res, background=tgt.image, albedo_model=setup.albedo_model,
-                              maps=False, fixed=pred["fixed"])
+        pred = synthesize(setup.model, chunk, res, render=needs_render, background=tgt.image if needs_render else None,
+                          lean=True, albedo_model=setup.albedo_model, maps=False, cull_back=True, fixed=fixed)
         extra = {**setup.extra, "set_shapes": params.shape, "rows": rows}
         ctx = Context(chunk, pred, tgt, res, extra)
         terms = {name: w * TERMS[name].fn(ctx) for name, w in stage.weights.items() if w > 0}

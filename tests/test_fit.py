@@ -125,3 +125,33 @@ def test_failed_write_leaves_no_folder(standin_model, photo_set, tmp_path, monke
     with pytest.raises(ImageError):
         write_fit_outputs(tmp_path, result, standin_model)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_appearance_stage_reuses_its_geometry_exactly(standin_model, photo_set):
+    """A stage that fits light and albedo alone renders its fixed geometry once; its values equal
+    those of a stage that re-renders everything, after the light changes, and again after the
+    geometry changes under it (the kept render is then made anew)."""
+    from dataclasses import replace
+
+    from fitter.fit import initial_params, make_objective, make_setup, prepare_target, stack_targets
+    from fitter.recipe import load_recipe
+
+    folder, cases = photo_set
+    recipe = load_recipe("default", ["perceptual=off"])
+    setup = make_setup(standin_model, recipe)
+    path = cases[0][0]
+    target = prepare_target(path, recipe.resolution, folder / f"{path.stem}.npy")
+    batch = stack_targets([target], recipe.landmark_weights, "cpu")
+    objective = make_objective(setup, batch)
+    appearance = next(s for s in recipe.stages if s.name == "appearance")
+    assert set(appearance.params) == {"light", "albedo"}
+    moving = replace(appearance, name="moving", params=[*appearance.params, "cam"])  # renders every call
+    params = initial_params(setup, batch)
+    rows = torch.arange(1)
+    for change in ("light", "cam", "light"):
+        if change == "light":
+            params.light = params.light + 0.1 * torch.randn_like(params.light)
+        else:
+            params.cam = params.cam * torch.tensor([1.02, 1, 1, 1, 1, 1])
+        kept, fresh = objective(params, appearance, rows)[0], objective(params, moving, rows)[0]
+        torch.testing.assert_close(kept, fresh, atol=1e-7, rtol=1e-6)
