@@ -77,6 +77,18 @@ class Targets:
     dense_weights: Tensor | None = None  # B x 478, 0 for images without dense points
     trust: Tensor | None = None  # B: weight of the landmark terms (1 for given points, less for detected)
 
+    def at_resolution(self, res: int) -> Targets:
+        """The same targets for a crop of res x res pixels: image and mask area-averaged down (or
+        resampled up), points scaled; focal and principal point are in ndc units and stay."""
+        size = self.image.shape[-1]
+        if res == size:
+            return self
+        f = res / size
+        mode = "area" if res < size else "bilinear"
+        resize = lambda t: torch.nn.functional.interpolate(t, size=(res, res), mode=mode)  # noqa: E731
+        return replace(self, image=resize(self.image), mask=resize(self.mask), landmarks=self.landmarks * f,
+                       dense=None if self.dense is None else self.dense * f)
+
     def select(self, rows: Tensor) -> Targets:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return Targets(self.image[rows], self.landmarks[rows], self.mask[rows], self.lmk_weights,
@@ -227,10 +239,17 @@ def without_term(recipe: Recipe, term: str) -> Recipe:
 # ----------------------------------------------------------------------------- objective
 def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
     """objective(params, stage, rows) -> (per-image total, per-term weighted values) for those rows."""
-    res = setup.recipe.resolution
+    base = setup.recipe.resolution
     kept: dict = {}  # (stage, rows) -> (params, geometry) of a stage that fits appearance alone
+    scaled: dict = {base: targets}  # crop size -> the targets at that size (stages with their own resolution)
 
-    def fixed_geometry(stage: Stage, rows: Tensor, chunk: FitParams, tgt: Targets) -> dict:
+    def at(stage: Stage) -> tuple[int, Targets]:
+        res = stage.resolution or base
+        if res not in scaled:
+            scaled[res] = targets.at_resolution(res)
+        return res, scaled[res]
+
+    def fixed_geometry(stage: Stage, rows: Tensor, chunk: FitParams, tgt: Targets, res: int) -> dict:
         """The model, normals and rasterization of a stage that moves no geometry: made once, reused."""
         key = (stage.name, tuple(rows.tolist()))
         hit = kept.get(key)
@@ -244,9 +263,11 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
     def objective(params: FitParams, stage: Stage, rows: Tensor):
         if tie_shape:  # one identity for the whole set (fit-set, shared mode)
             params = _with_shared_shape(params)
-        chunk, tgt = params.select(rows), targets.select(rows)
+        res, stage_targets = at(stage)
+        chunk, tgt = params.select(rows), stage_targets.select(rows)
         needs_render = any(TERMS[t].needs_render for t, w in stage.weights.items() if w > 0)
-        fixed = fixed_geometry(stage, rows, chunk, tgt) if needs_render and not GEOMETRY & set(stage.params) else None
+        fixed = (fixed_geometry(stage, rows, chunk, tgt, res) if needs_render and not GEOMETRY & set(stage.params)
+                 else None)
         # faces turned away are hidden behind the head: the fit's renders skip them (cull_back)
         pred = synthesize(setup.model, chunk, res, render=needs_render, background=tgt.image if needs_render else None,
                           lean=True, albedo_model=setup.albedo_model, maps=False, cull_back=True, fixed=fixed)
@@ -259,7 +280,8 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
     def residuals(chunk: FitParams, stage: Stage, rows: Tensor) -> Tensor:
         """The stage's terms as one residual vector per row, each scaled by sqrt(weight) (least squares):
         chunk holds the parameters of the target rows `rows` only (len(rows) rows) -> len(rows) x M."""
-        tgt = targets.select(rows)
+        res, stage_targets = at(stage)
+        tgt = stage_targets.select(rows)
         pred = synthesize(setup.model, chunk, res, render=False, lean=True)
         ctx = Context(chunk, pred, tgt, res, {**setup.extra, "rows": rows})
         parts = [w ** 0.5 * TERMS[name].residual(ctx) for name, w in stage.weights.items() if w > 0]

@@ -17,6 +17,7 @@ Layout (see recipes/default.toml):
     patience = 30               # early stop: iterations without relative improvement > tol
     tol = 1e-4
     solver = "adam"             # adam | lm (Levenberg-Marquardt, for least-squares terms: landmark stages)
+    resolution = 112            # optional: this stage renders the crop smaller (coarse-to-fine)
     [stages.NAME.weights]
     landmark = 1.0 ...
 """
@@ -54,7 +55,7 @@ TOP_KEYS = {
 }
 CAMERAS = ("pinhole", "ortho")
 STAGE_KEYS = {"iterations": int, "params": list, "weights": dict, "lr_scale": float,
-              "patience": int, "tol": float, "solver": str}
+              "patience": int, "tol": float, "solver": str, "resolution": int}
 SOLVERS = ("adam", "lm")
 LANDMARK_REGIONS = ("contour", "brows", "nose", "eyes", "mouth")
 
@@ -69,6 +70,7 @@ class Stage:
     patience: int = 0  # 0: no early stop
     tol: float = 1e-4
     solver: str = "adam"  # adam | lm (Levenberg-Marquardt: every term needs a least-squares form)
+    resolution: int | None = None  # render and compare at this crop size (<= the recipe's): coarse-to-fine
 
 
 @dataclass
@@ -204,8 +206,12 @@ def parse_recipe(data: dict, name: str, source: str) -> Recipe:
             if smooth:
                 raise RecipeError(f"{src}: '{where}' uses solver 'lm' but term '{smooth[0]}' has no least-squares "
                                   "form; fix: set solver = \"adam\" for this stage or drop the term")
+        stage_res = table.get("resolution")
+        if stage_res is not None and not 32 <= stage_res <= resolution:
+            raise RecipeError(f"{src}: '{where}.resolution' = {stage_res} must lie in 32..{resolution} (the "
+                              "recipe's resolution: a stage renders the crop at that size or smaller)")
         stages.append(Stage(sname, table["iterations"], list(table["params"]), weights, lr_scale,
-                            table.get("patience", 0), table.get("tol", 1e-4), solver))
+                            table.get("patience", 0), table.get("tol", 1e-4), solver, stage_res))
     return Recipe(name, source, data.get("description", ""), resolution, perceptual, lr, stages, lmk_w,
                   shape_mode, data.get("consistency_margin", 0.5), detector_trust=detector_trust, camera=camera,
                   raw=data)

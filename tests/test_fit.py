@@ -155,3 +155,37 @@ def test_appearance_stage_reuses_its_geometry_exactly(standin_model, photo_set):
             params.cam = params.cam * torch.tensor([1.02, 1, 1, 1, 1, 1])
         kept, fresh = objective(params, appearance, rows)[0], objective(params, moving, rows)[0]
         torch.testing.assert_close(kept, fresh, atol=1e-7, rtol=1e-6)
+
+
+def test_a_stage_at_a_lower_resolution_sees_the_same_landmarks(standin_model, photo_set):
+    """Coarse-to-fine stages (a stage's `resolution`): the crop and mask are averaged down, the points
+    scaled, so that the landmark terms (measured in half-crop units) are the same at any size and
+    the photometric term compares like with like."""
+    from dataclasses import replace
+
+    from fitter.fit import initial_params, make_objective, make_setup, prepare_target, stack_targets
+    from fitter.recipe import load_recipe
+
+    folder, cases = photo_set
+    recipe = load_recipe("default", ["perceptual=off"])
+    setup = make_setup(standin_model, recipe)
+    path = cases[0][0]
+    target = prepare_target(path, recipe.resolution, folder / f"{path.stem}.npy")
+    batch = stack_targets([target], recipe.landmark_weights, "cpu")
+    small = batch.at_resolution(112)
+    assert small.image.shape[-1] == 112 and small.mask.shape[-1] == 112
+    torch.testing.assert_close(small.landmarks, batch.landmarks / 2)
+    torch.testing.assert_close(small.image[0, :, 10, 20], batch.image[0, :, 20:22, 40:42].mean(dim=(1, 2)))
+    objective = make_objective(setup, batch)
+    full = next(s for s in recipe.stages if s.name == "photometric")
+    coarse = replace(full, name="coarse", resolution=112)
+    params = initial_params(setup, batch)
+    rows = torch.arange(1)
+    _, at_full = objective(params, full, rows)
+    _, at_coarse = objective(params, coarse, rows)
+    for term in ("landmark", "eye_closure", "lip_distance", "shape_prior"):
+        torch.testing.assert_close(at_coarse[term], at_full[term], atol=1e-6, rtol=1e-5)
+    assert abs(float(at_coarse["photo"] / at_full["photo"]) - 1) < 0.1  # the same picture, fewer pixels
+    r_full = objective.residuals(params, replace(full, name="lm", weights={"landmark": 1.0}), rows)
+    r_coarse = objective.residuals(params, replace(coarse, name="lm2", weights={"landmark": 1.0}), rows)
+    torch.testing.assert_close(r_coarse, r_full, atol=1e-6, rtol=1e-5)
