@@ -32,6 +32,9 @@ from .synthetic import nme_box, nme_iod, yaw_bin
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BINS = ("0-30", "30-60", "60-90")
+#: iBUG-68 point groups, for the per-group breakdown
+GROUPS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36), "eyes": range(36, 48),
+          "mouth": range(48, 68)}
 
 
 def labelled_images(folder: Path) -> list[tuple[Path, Path]]:
@@ -65,12 +68,25 @@ def fit_landmarks(result, protocol: str) -> tuple[np.ndarray, str]:
     return np.asarray(result.landmarks2d), "landmarks2d"
 
 
+def group_nme(pred: np.ndarray, truth: np.ndarray, protocol: str) -> dict[str, float]:
+    """The protocol's NME over each GROUPS group of points alone (same normaliser as the whole set's)."""
+    nme = nme_box if protocol == "aflw" else nme_iod
+    errors = {}
+    for name, ids in GROUPS.items():
+        only = np.array(truth, dtype=np.float64)
+        only[list(ids)] = np.asarray(pred)[list(ids)]  # this group's errors alone, the same normaliser
+        errors[name] = nme(only, truth) * len(truth) / len(ids)
+    return errors
+
+
 def score_image(result, truth: np.ndarray, protocol: str) -> dict:
-    """NMEs of the fit (the protocol's landmark set, and landmarks2d) and of the detector's points."""
+    """NMEs of the fit (the protocol's landmark set, and landmarks2d) and of the detector's points, and
+    both by point group (`fit_groups`, `detector_groups`)."""
     fit, used = fit_landmarks(result, protocol)
     det = np.asarray(result.landmarks2d_target)
     nme = nme_box if protocol == "aflw" else nme_iod
     return {"fit_nme": nme(fit, truth), "detector_nme": nme(det, truth), "landmarks_used": used,
+            "fit_groups": group_nme(fit, truth, protocol), "detector_groups": group_nme(det, truth, protocol),
             "fit_nme_box": nme_box(fit, truth), "fit_nme_iod": nme_iod(fit, truth),
             "fit2d_nme_box": nme_box(np.asarray(result.landmarks2d), truth),
             "detector_nme_box": nme_box(det, truth), "detector_nme_iod": nme_iod(det, truth)}
@@ -82,6 +98,9 @@ def summarise(rows: list[dict]) -> dict:
     mean = lambda key, rs: float(np.mean([r[key] for r in rs])) if rs else None  # noqa: E731
     out = {"images": len(rows), "fitted": len(ok), "fit_nme": mean("fit_nme", ok),
            "detector_nme": mean("detector_nme", ok)}
+    if ok and all("fit_groups" in r for r in ok):
+        out["groups"] = {g: {who: float(np.mean([r[f"{who}_groups"][g] for r in ok])) for who in ("fit", "detector")}
+                         for g in GROUPS}
     if any("yaw" in r for r in ok):
         out["by_yaw"] = {b: {"images": len(rs), "fit_nme": mean("fit_nme", rs),
                              "detector_nme": mean("detector_nme", rs)}
@@ -146,6 +165,8 @@ def show(records: list[dict], console=None) -> None:
         t.add_row(f"mean ({s['fitted']}/{s['images']} fitted)", "", pct(s["fit_nme"]), pct(s["detector_nme"]), per)
         for b, v in s.get("by_yaw", {}).items():
             t.add_row(f"|yaw| {b} ({v['images']})", "", pct(v["fit_nme"]), pct(v["detector_nme"]), "")
+        for g, v in s.get("groups", {}).items():
+            t.add_row(f"{g} points (mean)", "", pct(v["fit"]), pct(v["detector"]), "")
         console.print(t)
 
 

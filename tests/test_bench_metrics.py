@@ -179,3 +179,25 @@ def test_landmark_oracle_is_the_map_optimum(standin_model):
         assert best <= _map_objective(model, p, cam, target, c + rng.normal(0, 0.05, c.shape)) + 1e-3
     err = face_error_mm(landmark_oracle(model, p, cam, target), r["vertices"], region)
     assert err < 0.5 * face_error_mm(model.v_template.numpy(), r["vertices"], region)
+
+
+def test_real_scores_by_point_group():
+    """Per-group NME: a known displacement of the brows alone shows up in the brows only, with the whole
+    set's normaliser (box 40 x 10 -> 20; IOD 30)."""
+    from bench.real import GROUPS, group_nme
+
+    truth = _ibug_like()
+    pred = truth.copy()
+    pred[17:27] += [6.0, 8.0]  # the ten brow points 10 px off
+    pred[30] += [0.0, 4.0]  # one nose point (of 9) 4 px off
+    g = group_nme(pred, truth, "aflw")
+    assert g["brows"] == pytest.approx(10 / 20) and g["nose"] == pytest.approx(4 / 9 / 20)
+    assert g["jaw"] == g["eyes"] == g["mouth"] == 0.0
+    # the groups' point-weighted mean is the whole set's NME
+    assert sum(g[k] * len(ids) for k, ids in GROUPS.items()) / 68 == pytest.approx(nme_box(pred, truth))
+    assert group_nme(pred, truth, "300w")["brows"] == pytest.approx(10 / 30)
+    res = SimpleNamespace(landmarks2d=pred, landmarks2d_target=truth, landmarks3d=pred)
+    row = score_image(res, truth, "aflw")
+    assert row["fit_groups"]["brows"] == pytest.approx(0.5) and row["detector_groups"]["brows"] == 0.0
+    s = summarise([row, {**row, "fit_groups": {**row["fit_groups"], "brows": 0.3}}])
+    assert s["groups"]["brows"] == {"fit": pytest.approx(0.4), "detector": 0.0}
