@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from bench.fit import case_yaws
 from bench.real import score_image, summarise
@@ -201,3 +202,31 @@ def test_real_scores_by_point_group():
     assert row["fit_groups"]["brows"] == pytest.approx(0.5) and row["detector_groups"]["brows"] == 0.0
     s = summarise([row, {**row, "fit_groups": {**row["fit_groups"], "brows": 0.3}}])
     assert s["groups"]["brows"] == {"fit": pytest.approx(0.4), "detector": 0.0}
+
+
+def test_detector_convention_is_the_detectors_mapping_on_the_models_mediapipe_points(standin_model):
+    """bench.real's second scoring of a fit: the fitted head's 68 points in the MediaPipe detector's
+    convention. Independent expectation: fitter.detect.mesh_to_ibug68 (the detector's own mapping, silhouette
+    step included) applied to the head's 478 MediaPipe points projected through the fit's camera; the
+    composed surface points differ from it only by the snap to the surface (< 1 mm) and perspective."""
+    from bench.real import DetectorConvention
+    from fitter import detect
+    from priors import dense_embedding as DE
+
+    model = standin_model
+    conv = DetectorConvention(model)
+    verts = model.v_template.numpy().astype(np.float64)
+    res = SimpleNamespace(vertices=verts, R=np.diag([1.0, -1.0, -1.0]), t=np.array([0.0, 0.0, 0.6]),
+                          K=np.array([[1000.0, 0, 256], [0, 1000.0, 256], [0, 0, 1]]))
+    cam = DE.dense_landmarks(torch.as_tensor(verts[None]), model.faces, conv.emb)[0].numpy() @ res.R.T + res.t
+    uv = cam @ res.K.T
+    mesh = uv[:, :2] / uv[:, 2:]
+    want2d = detect.mesh_to_ibug68(mesh[:detect.N_MESH])
+    want3d = np.array([mesh[list(ids)].mean(0) for ids in detect.MEDIAPIPE_TO_IBUG68])
+    got2d, got3d = conv.landmarks(res, "300w"), conv.landmarks(res, "aflw")
+    assert np.abs(got3d - want3d).max() < 1.5  # px; 1 mm at 0.6 m is 1.7 px
+    assert np.abs(got2d - want2d).max() < 1.5
+    own = model.full_faces.numpy()  # the model's own 68 points (ICT's landmark vertices) are elsewhere
+    own_px = DE.surface_points(verts, model.faces.numpy(), own, model.full_bary.numpy()) @ res.R.T + res.t
+    own_px = (own_px @ res.K.T)[:, :2] / (own_px @ res.K.T)[:, 2:]
+    assert np.linalg.norm(own_px - got3d, axis=1).max() > 5.0
