@@ -106,8 +106,8 @@ class DetectorConvention:
         from priors.dense_embedding import N_MESH, surface_points
 
         def pixels(face, bary):
-            cam = surface_points(np.asarray(result.vertices, np.float64), self.faces, face, bary) @ result.R.T + result.t
-            uvw = cam @ result.K.T
+            points = surface_points(np.asarray(result.vertices, np.float64), self.faces, face, bary)
+            uvw = (points @ result.R.T + result.t) @ result.K.T
             return uvw[:, :2] / uvw[:, 2:]
 
         static = pixels(self.lmk_faces, self.lmk_bary)
@@ -201,7 +201,8 @@ def show(records: list[dict], console=None) -> None:
         pct = lambda x: "" if x is None else f"{100 * x:.2f}"  # noqa: E731
         used = {r.get("landmarks_used") for r in rec["per_image"] if "landmarks_used" in r}
         conv = "fit_detconv_nme" in s
-        t = Table("image", "yaw", "fit NME %", "detector NME %", "s", *(["fit, detector's convention %"] if conv else []),
+        extra = ["fit, detector's convention %"] if conv else []
+        t = Table("image", "yaw", "fit NME %", "detector NME %", "s", *extra,
                   title=f"{rec['folder']}: {rec['protocol']} protocol, NME {rec['nme']}, recipe {rec['recipe']}, "
                         f"fit points: {', '.join(sorted(used))}")
         for r in rec["per_image"]:
