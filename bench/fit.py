@@ -16,6 +16,8 @@ away and filling 40-60 % of the 512 px frame height. Sections (each can be skipp
 - throughput, sgd, occlusion: images/s by batch size, Adam vs SGD, GridMask occlusion (pinhole cases);
 - real:     `--real DIR` labelled photos, fit vs detector NME (see bench.real).
 
+`--set KEY=VALUE` (repeatable) overrides the recipe for the recipe rows, as `cli.py fit --set` does.
+
 Per recipe: mean and per-case face error (mm: mean vertex distance after similarity alignment
 over the whole face region, bench.synthetic.whole_face_region; the older, inner region too),
 landmark RMSE against the true points (px), s/image (wall, detection included) and R/image, with
@@ -236,7 +238,7 @@ def run(args) -> dict:
            "model": model.tag, "camera": "pinhole (bench.synthetic), 512 px, 0.4-1.2 m, fill 0.4-0.6",
            "face_region_vertices": int(len(regions["whole"])), "face_region": REGION_TEXT,
            "inner_region_vertices": int(len(regions["inner"])), "results": [], "R_ms_start": R_start,
-           "detector": _detector_name()}
+           "detector": _detector_name(), "overrides": list(args.overrides)}
     R = R_start
 
     def add(section, recipe, rows, wall, **extra):
@@ -262,10 +264,10 @@ def run(args) -> dict:
         detector_targets = None
         for recipe in recipes:
             if "pinhole" not in skip:
-                rows, wall, _ = evaluate(model, cases, recipe, regions)
+                rows, wall, _ = evaluate(model, cases, recipe, regions, overrides=args.overrides)
                 add("pinhole", recipe, rows, wall, landmarks="true (given)")
             if "detector" not in skip:
-                rows, wall, results = evaluate(model, cases, recipe, regions, detector=True)
+                rows, wall, results = evaluate(model, cases, recipe, regions, detector=True, overrides=args.overrides)
                 add("detector", recipe, rows, wall, landmarks="detector (auto)")
                 if detector_targets is None:
                     detector_targets = [None if isinstance(r, Exception) else r.landmarks2d_target for r in results]
@@ -282,7 +284,7 @@ def run(args) -> dict:
         if args.ortho:
             ortho = make_cases(model, args.cases, Path(tmp) / "ortho", seed=args.seed, camera="ortho", wide=args.wide)
             for recipe in recipes:
-                rows, wall, _ = evaluate(model, ortho, recipe, regions)
+                rows, wall, _ = evaluate(model, ortho, recipe, regions, overrides=args.overrides)
                 add("ortho", recipe, rows, wall, landmarks="true (given)")
         if "throughput" not in skip:
             n = max(int(b) for b in args.batches.split(","))
@@ -311,7 +313,7 @@ def run(args) -> dict:
     if args.real:
         from .real import evaluate_real
 
-        out["real"] = [evaluate_real(f, rec, model, overlays=args.overlays, R_ms=R)
+        out["real"] = [evaluate_real(f, rec, model, overlays=args.overlays, overrides=args.overrides, R_ms=R)
                        for rec in recipes for f in args.real]
     out["R_ms_end"] = measure_R(model)
     out["R_ms"] = float(np.mean([out["R_ms_start"], out["R_ms_end"]]))
@@ -334,6 +336,8 @@ def main(argv=None):
     ap.add_argument("--keep-renders", type=Path, default=None, help="copy the pinhole renders here")
     ap.add_argument("--sgd-scales", default="0.01,0.1,1", help="SGD learning rates = recipe's x each scale")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for the recipe rows (pinhole, detector, ortho, real), as `cli.py fit --set`")
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args(argv)

@@ -13,7 +13,10 @@ never given to the fit) and scores the fitted landmarks and the detector's own p
   (outer eye corners, iBUG 36 and 45) on the fit's `landmarks2d`.
 
 Both NMEs of every landmark set are kept per image; the protocol picks the headline one. An image
-the detector misses counts as not fitted (its message is kept).
+the detector misses counts as not fitted (its message is kept). Every NME is also broken down by point
+group (jaw, brows, nose, eyes, mouth), and, when the model has a MediaPipe embedding, the fitted head is
+scored a second time with its 68 points in the detector's convention (DetectorConvention) instead of the
+model's own 68-point embedding.
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ import numpy as np
 
 from fitter import io
 from fitter.fit import fit_images, load_flame
+from priors.errors import FlamefitError
 
 from .synthetic import nme_box, nme_iod, yaw_bin
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BINS = ("0-30", "30-60", "60-90")
+#: iBUG-68 point groups, for the per-group breakdown
+GROUPS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36), "eyes": range(36, 48),
+          "mouth": range(48, 68)}
 
 
 def labelled_images(folder: Path) -> list[tuple[Path, Path]]:
@@ -65,15 +72,66 @@ def fit_landmarks(result, protocol: str) -> tuple[np.ndarray, str]:
     return np.asarray(result.landmarks2d), "landmarks2d"
 
 
-def score_image(result, truth: np.ndarray, protocol: str) -> dict:
-    """NMEs of the fit (the protocol's landmark set, and landmarks2d) and of the detector's points."""
+def group_nme(pred: np.ndarray, truth: np.ndarray, protocol: str) -> dict[str, float]:
+    """The protocol's NME over each GROUPS group of points alone (same normaliser as the whole set's)."""
+    nme = nme_box if protocol == "aflw" else nme_iod
+    errors = {}
+    for name, ids in GROUPS.items():
+        only = np.array(truth, dtype=np.float64)
+        only[list(ids)] = np.asarray(pred)[list(ids)]  # this group's errors alone, the same normaliser
+        errors[name] = nme(only, truth) * len(truth) / len(ids)
+    return errors
+
+
+class DetectorConvention:
+    """The fitted head's 68 points in the MediaPipe detector's convention instead of the model's own
+    68-point embedding: fitter.detect.MEDIAPIPE_TO_IBUG68 composed with the model's derived MediaPipe
+    embedding (priors.dense_embedding.composed_landmarks; the 3D, static-jaw points), and for the 2D
+    convention the detector's own silhouette step (detect.snap_jaw_to_silhouette) on the fitted head's
+    MediaPipe points. A diagnostic: the same fitted geometry scored in the other convention separates
+    what the landmark convention costs from what the fitted shape costs."""
+
+    def __init__(self, model):
+        from fitter import detect
+        from priors import dense_embedding as DE
+
+        self.emb = DE.dense_embedding_for(model, derive=False)
+        template, self.faces = DE.model_mesh(model)
+        self.lmk_faces, self.lmk_bary = DE.composed_landmarks(self.emb, detect.MEDIAPIPE_TO_IBUG68, template,
+                                                              self.faces, DE.outer_faces(template, self.faces))
+
+    def landmarks(self, result, protocol: str) -> np.ndarray:
+        """68 x 2 original-image pixels: static jaw for "aflw", silhouette jaw for "300w"."""
+        from fitter import detect
+        from priors.dense_embedding import N_MESH, surface_points
+
+        def pixels(face, bary):
+            points = surface_points(np.asarray(result.vertices, np.float64), self.faces, face, bary)
+            uvw = (points @ result.R.T + result.t) @ result.K.T
+            return uvw[:, :2] / uvw[:, 2:]
+
+        static = pixels(self.lmk_faces, self.lmk_bary)
+        if protocol == "aflw":
+            return static
+        return detect.snap_jaw_to_silhouette(pixels(self.emb.faces, self.emb.bary)[:N_MESH], static)
+
+
+def score_image(result, truth: np.ndarray, protocol: str, convention: DetectorConvention | None = None) -> dict:
+    """NMEs of the fit (the protocol's landmark set, and landmarks2d) and of the detector's points, and
+    both by point group (`fit_groups`, `detector_groups`); with `convention`, also the fitted head's
+    points in the detector's convention (`fit_detconv_nme`, `fit_detconv_groups`)."""
     fit, used = fit_landmarks(result, protocol)
     det = np.asarray(result.landmarks2d_target)
     nme = nme_box if protocol == "aflw" else nme_iod
-    return {"fit_nme": nme(fit, truth), "detector_nme": nme(det, truth), "landmarks_used": used,
-            "fit_nme_box": nme_box(fit, truth), "fit_nme_iod": nme_iod(fit, truth),
-            "fit2d_nme_box": nme_box(np.asarray(result.landmarks2d), truth),
-            "detector_nme_box": nme_box(det, truth), "detector_nme_iod": nme_iod(det, truth)}
+    out = {"fit_nme": nme(fit, truth), "detector_nme": nme(det, truth), "landmarks_used": used,
+           "fit_groups": group_nme(fit, truth, protocol), "detector_groups": group_nme(det, truth, protocol),
+           "fit_nme_box": nme_box(fit, truth), "fit_nme_iod": nme_iod(fit, truth),
+           "fit2d_nme_box": nme_box(np.asarray(result.landmarks2d), truth),
+           "detector_nme_box": nme_box(det, truth), "detector_nme_iod": nme_iod(det, truth)}
+    if convention is not None:
+        conv = convention.landmarks(result, protocol)
+        out.update(fit_detconv_nme=nme(conv, truth), fit_detconv_groups=group_nme(conv, truth, protocol))
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -82,6 +140,11 @@ def summarise(rows: list[dict]) -> dict:
     mean = lambda key, rs: float(np.mean([r[key] for r in rs])) if rs else None  # noqa: E731
     out = {"images": len(rows), "fitted": len(ok), "fit_nme": mean("fit_nme", ok),
            "detector_nme": mean("detector_nme", ok)}
+    whos = [w for w in ("fit", "detector", "fit_detconv") if ok and all(f"{w}_groups" in r for r in ok)]
+    if whos:
+        out["groups"] = {g: {w: float(np.mean([r[f"{w}_groups"][g] for r in ok])) for w in whos} for g in GROUPS}
+    if ok and all("fit_detconv_nme" in r for r in ok):
+        out["fit_detconv_nme"] = mean("fit_detconv_nme", ok)
     if any("yaw" in r for r in ok):
         out["by_yaw"] = {b: {"images": len(rs), "fit_nme": mean("fit_nme", rs),
                              "detector_nme": mean("detector_nme", rs)}
@@ -101,6 +164,10 @@ def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: s
     proto = protocol_for(folder, protocol)
     pairs = labelled_images(folder)
     yaws = read_yaws(folder)
+    try:
+        convention = DetectorConvention(flame)
+    except FlamefitError:  # no MediaPipe embedding for this model: the diagnostic column is left out
+        convention = None
     start = time.perf_counter()
     results = fit_images([p for p, _ in pairs], recipe=recipe, model=flame, detector="auto", overrides=overrides)
     wall = time.perf_counter() - start
@@ -112,11 +179,11 @@ def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: s
         if isinstance(r, Exception):
             row["error"] = str(r)
         else:
-            row.update(score_image(r, io.read_landmarks(pts), proto), seconds=r.report["seconds"])
+            row.update(score_image(r, io.read_landmarks(pts), proto, convention), seconds=r.report["seconds"])
             if overlays is not None:
                 write_fit_outputs(Path(overlays) / f"real-{recipe}", r, flame)
         rows.append(row)
-    out = {"folder": str(folder), "protocol": proto, "recipe": recipe,
+    out = {"folder": str(folder), "protocol": proto, "recipe": recipe, "overrides": list(overrides),
            "nme": "box sqrt(w*h)" if proto == "aflw" else "inter-ocular (36-45)",
            "seconds_per_image": wall / max(len(pairs), 1), "summary": summarise(rows), "per_image": rows}
     if R_ms:
@@ -133,7 +200,9 @@ def show(records: list[dict], console=None) -> None:
         s = rec["summary"]
         pct = lambda x: "" if x is None else f"{100 * x:.2f}"  # noqa: E731
         used = {r.get("landmarks_used") for r in rec["per_image"] if "landmarks_used" in r}
-        t = Table("image", "yaw", "fit NME %", "detector NME %", "s",
+        conv = "fit_detconv_nme" in s
+        extra = ["fit, detector's convention %"] if conv else []
+        t = Table("image", "yaw", "fit NME %", "detector NME %", "s", *extra,
                   title=f"{rec['folder']}: {rec['protocol']} protocol, NME {rec['nme']}, recipe {rec['recipe']}, "
                         f"fit points: {', '.join(sorted(used))}")
         for r in rec["per_image"]:
@@ -141,11 +210,16 @@ def show(records: list[dict], console=None) -> None:
             if "error" in r:
                 t.add_row(r["image"], yaw, "not fitted", r["error"][:60], "")
             else:
-                t.add_row(r["image"], yaw, pct(r["fit_nme"]), pct(r["detector_nme"]), f"{r['seconds']:.1f}")
+                t.add_row(r["image"], yaw, pct(r["fit_nme"]), pct(r["detector_nme"]), f"{r['seconds']:.1f}",
+                          *([pct(r["fit_detconv_nme"])] if conv else []))
         per = f"{rec['seconds_per_image']:.1f}" + (f" ({rec['R_per_image']:.0f} R)" if "R_per_image" in rec else "")
-        t.add_row(f"mean ({s['fitted']}/{s['images']} fitted)", "", pct(s["fit_nme"]), pct(s["detector_nme"]), per)
+        t.add_row(f"mean ({s['fitted']}/{s['images']} fitted)", "", pct(s["fit_nme"]), pct(s["detector_nme"]), per,
+                  *([pct(s["fit_detconv_nme"])] if conv else []))
         for b, v in s.get("by_yaw", {}).items():
             t.add_row(f"|yaw| {b} ({v['images']})", "", pct(v["fit_nme"]), pct(v["detector_nme"]), "")
+        for g, v in s.get("groups", {}).items():
+            t.add_row(f"{g} points (mean)", "", pct(v["fit"]), pct(v["detector"]), "",
+                      *([pct(v["fit_detconv"])] if conv else []))
         console.print(t)
 
 
@@ -157,12 +231,14 @@ def main(argv=None):
     ap.add_argument("--protocol", choices=["auto", "aflw", "300w"], default="auto")
     ap.add_argument("--overlays", type=Path, default=None, help="write each fit's outputs (overlay.png) here")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override, as `cli.py fit --set` (e.g. detector_trust=0.3); repeatable")
     args = ap.parse_args(argv)
     from .fit import measure_R
 
     model = load_flame(args.model)
     R_ms = measure_R(model)
-    records = [evaluate_real(f, rec, model, args.protocol, args.overlays, R_ms=R_ms)
+    records = [evaluate_real(f, rec, model, args.protocol, args.overlays, args.overrides, R_ms=R_ms)
                for rec in args.recipes.split(",") for f in args.folders]
     if args.json:
         print(json.dumps({"real": records, "R_ms": R_ms}))

@@ -226,6 +226,30 @@ def dense_weights(emb: DenseEmbedding) -> np.ndarray:
     return np.where(emb.valid, emb.confidence, 0.0).astype(np.float32)
 
 
+def composed_landmarks(emb: DenseEmbedding, groups, template: np.ndarray, faces: np.ndarray,
+                       allowed: np.ndarray | None = None, label: str = "MediaPipe embedding"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """A landmark set that a detector defines on MediaPipe's points (landmark k = the mean of the points
+    groups[k], e.g. fitter.detect.MEDIAPIPE_TO_IBUG68, the 68 iBUG points as the MediaPipe detector gives
+    them) as surface points of the model: the mean of the embedding's points of each group on the neutral
+    template V x 3 (faces F x 3), snapped to the nearest surface point of the allowed triangles (F bool,
+    default all) -> (faces (K,) int64, bary (K, 3) float32), the layout of LandmarkEmbedding's full_*.
+
+    So the model's landmarks follow the detector's convention as derived from the model's own renders
+    (derive_dense_embedding), instead of the convention of the model's own 68-point file. AssetError (one
+    line) when a group uses a point the embedding has no place for."""
+    bad = sorted({i for ids in groups for i in ids if not emb.valid[i]})
+    if bad:
+        raise AssetError(f"{label}: MediaPipe point(s) {bad[:5]} have no place on this model, so the detector's "
+                         "landmarks cannot be composed from them; fix: install an embedding that places them")
+    template = np.asarray(template, np.float64)
+    points = surface_points(template, faces, emb.faces, emb.bary)
+    est = np.array([points[list(ids)].mean(0) for ids in groups])
+    allowed = np.ones(len(faces), bool) if allowed is None else allowed
+    face, bary, _ = snap_to_surface(est, template, faces, allowed)
+    return face, bary.astype(np.float32)
+
+
 def dense_embedding_for(model, home: str | Path | None = None, derive: bool = True) -> DenseEmbedding:
     """The model's embedding: the cached one, else (derive=True) derived now with MediaPipe and cached
     (a few seconds to a minute; see derive_dense_embedding). AssetError if neither works."""

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from bench.fit import case_yaws
 from bench.real import score_image, summarise
@@ -179,3 +180,53 @@ def test_landmark_oracle_is_the_map_optimum(standin_model):
         assert best <= _map_objective(model, p, cam, target, c + rng.normal(0, 0.05, c.shape)) + 1e-3
     err = face_error_mm(landmark_oracle(model, p, cam, target), r["vertices"], region)
     assert err < 0.5 * face_error_mm(model.v_template.numpy(), r["vertices"], region)
+
+
+def test_real_scores_by_point_group():
+    """Per-group NME: a known displacement of the brows alone shows up in the brows only, with the whole
+    set's normaliser (box 40 x 10 -> 20; IOD 30)."""
+    from bench.real import GROUPS, group_nme
+
+    truth = _ibug_like()
+    pred = truth.copy()
+    pred[17:27] += [6.0, 8.0]  # the ten brow points 10 px off
+    pred[30] += [0.0, 4.0]  # one nose point (of 9) 4 px off
+    g = group_nme(pred, truth, "aflw")
+    assert g["brows"] == pytest.approx(10 / 20) and g["nose"] == pytest.approx(4 / 9 / 20)
+    assert g["jaw"] == g["eyes"] == g["mouth"] == 0.0
+    # the groups' point-weighted mean is the whole set's NME
+    assert sum(g[k] * len(ids) for k, ids in GROUPS.items()) / 68 == pytest.approx(nme_box(pred, truth))
+    assert group_nme(pred, truth, "300w")["brows"] == pytest.approx(10 / 30)
+    res = SimpleNamespace(landmarks2d=pred, landmarks2d_target=truth, landmarks3d=pred)
+    row = score_image(res, truth, "aflw")
+    assert row["fit_groups"]["brows"] == pytest.approx(0.5) and row["detector_groups"]["brows"] == 0.0
+    s = summarise([row, {**row, "fit_groups": {**row["fit_groups"], "brows": 0.3}}])
+    assert s["groups"]["brows"] == {"fit": pytest.approx(0.4), "detector": 0.0}
+
+
+def test_detector_convention_is_the_detectors_mapping_on_the_models_mediapipe_points(standin_model):
+    """bench.real's second scoring of a fit: the fitted head's 68 points in the MediaPipe detector's
+    convention. Independent expectation: fitter.detect.mesh_to_ibug68 (the detector's own mapping, silhouette
+    step included) applied to the head's 478 MediaPipe points projected through the fit's camera; the
+    composed surface points differ from it only by the snap to the surface (< 1 mm) and perspective."""
+    from bench.real import DetectorConvention
+    from fitter import detect
+    from priors import dense_embedding as DE
+
+    model = standin_model
+    conv = DetectorConvention(model)
+    verts = model.v_template.numpy().astype(np.float64)
+    res = SimpleNamespace(vertices=verts, R=np.diag([1.0, -1.0, -1.0]), t=np.array([0.0, 0.0, 0.6]),
+                          K=np.array([[1000.0, 0, 256], [0, 1000.0, 256], [0, 0, 1]]))
+    cam = DE.dense_landmarks(torch.as_tensor(verts[None]), model.faces, conv.emb)[0].numpy() @ res.R.T + res.t
+    uv = cam @ res.K.T
+    mesh = uv[:, :2] / uv[:, 2:]
+    want2d = detect.mesh_to_ibug68(mesh[:detect.N_MESH])
+    want3d = np.array([mesh[list(ids)].mean(0) for ids in detect.MEDIAPIPE_TO_IBUG68])
+    got2d, got3d = conv.landmarks(res, "300w"), conv.landmarks(res, "aflw")
+    assert np.abs(got3d - want3d).max() < 1.5  # px; 1 mm at 0.6 m is 1.7 px
+    assert np.abs(got2d - want2d).max() < 1.5
+    own = model.full_faces.numpy()  # the model's own 68 points (ICT's landmark vertices) are elsewhere
+    own_px = DE.surface_points(verts, model.faces.numpy(), own, model.full_bary.numpy()) @ res.R.T + res.t
+    own_px = (own_px @ res.K.T)[:, :2] / (own_px @ res.K.T)[:, 2:]
+    assert np.linalg.norm(own_px - got3d, axis=1).max() > 5.0

@@ -370,3 +370,36 @@ def test_the_shipped_stand_in_embedding_is_what_derivation_gives(standin_model):
     template, faces = DE.model_mesh(standin_model)
     p = DE.surface_points(template.astype(np.float64), faces, emb.faces, emb.bary)
     assert emb.valid.sum() >= 470 and p[33, 0] < p[133, 0] < 0 < p[362, 0] < p[263, 0]
+
+
+def test_composed_landmarks_recover_known_surface_points(synth):
+    """A detector's landmarks defined as means of MediaPipe points (fitter.detect.MEDIAPIPE_TO_IBUG68's form),
+    composed on the synthetic head: a single point is that surface point; the mean of a triangle edge's two
+    end points is the edge's midpoint, itself on the surface, so it must come back exactly; an invalid point
+    is refused in one line."""
+    template, faces = DE.model_mesh(synth)
+    template = template.astype(np.float64)
+    eye_face = DE.eyeball_vertices(synth.weights)[faces].all(1)
+    skin = np.nonzero(~eye_face)[0]
+    rng = np.random.default_rng(4)
+    tri = faces[rng.choice(skin, 3, replace=False)]  # three skin triangles: corners as MediaPipe points 0..8
+    vert = tri.ravel()
+    emb = DE.DenseEmbedding(np.zeros(DE.N_POINTS, np.int64), np.tile(np.float32([1, 0, 0]), (DE.N_POINTS, 1)),
+                            np.zeros(DE.N_POINTS, bool), np.zeros(DE.N_POINTS, np.float32), "", len(faces))
+    for j, v in enumerate(vert):  # point j sits on vertex v: any triangle holding v, one-hot barycentrics
+        f = int(np.nonzero((faces == v).any(1) & ~eye_face)[0][0])
+        emb.faces[j] = f
+        emb.bary[j] = (faces[f] == v).astype(np.float32)
+        emb.valid[j] = True
+    groups = [(0,), (4,), (0, 1), (3, 5), (6, 7, 8)]
+    face, bary = DE.composed_landmarks(emb, groups, template, faces, ~eye_face)
+    got = DE.surface_points(template, faces, face, bary)
+    want = np.array([template[vert[0]], template[vert[4]], template[vert[[0, 1]]].mean(0),
+                     template[vert[[3, 5]]].mean(0)])
+    assert np.abs(got[:4] - want).max() < 1e-7  # singles and edge midpoints (float32 barycentrics: 0.1 um)
+    centroid = template[vert[6:9]].mean(0)  # the triangle's centroid: on the surface too
+    assert np.abs(got[4] - centroid).max() < 1e-7
+    assert face.dtype == np.int64 and bary.dtype == np.float32 and not eye_face[face].any()
+    with pytest.raises(AssetError, match=r"point\(s\) \[9\] have no place") as exc:
+        DE.composed_landmarks(emb, [(0,), (8, 9)], template, faces)
+    assert "\n" not in str(exc.value)
