@@ -22,14 +22,51 @@ SH_CONSTANTS = (
 )
 
 
+_INCIDENCE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _incidence(faces: Tensor, n_verts: int) -> Tensor:
+    """Sparse V x F matrix with a 1 where a vertex is a corner of a face (CSR), cached per faces
+    tensor (checked by content on every hit)."""
+    key = (faces.device, tuple(faces.shape), faces.data_ptr(), n_verts)
+    hit = _INCIDENCE.get(key)
+    if hit is not None and torch.equal(hit[0], faces):
+        return hit[1]
+    nf = faces.shape[0]
+    idx = torch.stack([faces.reshape(-1), torch.arange(nf, device=faces.device).repeat_interleave(3)])
+    ones = torch.ones(3 * nf, device=faces.device)
+    A = torch.sparse_coo_tensor(idx, ones, (n_verts, nf)).coalesce().to_sparse_csr()
+    if len(_INCIDENCE) >= 8:
+        _INCIDENCE.pop(next(iter(_INCIDENCE)))
+    _INCIDENCE[key] = (faces.clone(), A)
+    return A
+
+
 def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
     """Area-weighted unit vertex normals: verts B x V x 3, faces F x 3 -> B x V x 3."""
-    bsz, nf = verts.shape[0], faces.shape[0]
-    corners = faces.reshape(-1)  # one gather and one scatter for all three corners
-    c = verts.index_select(1, corners).view(bsz, nf, 3, 3)
+    bsz, nv, _ = verts.shape
+    nf = faces.shape[0]
+    ids = (faces.reshape(1, -1) + nv * torch.arange(bsz, device=faces.device)[:, None]).reshape(-1)
+    c = verts.reshape(bsz * nv, 3).index_select(0, ids).view(bsz, nf, 3, 3)  # rows: a fast gather and backward
     fn = torch.linalg.cross(c[:, :, 1] - c[:, :, 0], c[:, :, 2] - c[:, :, 0])  # B x F x 3, length = 2 x area
-    normals = torch.zeros_like(verts).index_add(1, corners, fn[:, :, None].expand(-1, -1, 3, -1).reshape(bsz, -1, 3))
-    return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
+    summed = _CornerSum.apply(fn.permute(1, 0, 2).reshape(nf, bsz * 3), faces, nv)
+    return torch.nn.functional.normalize(summed.view(nv, bsz, 3).permute(1, 0, 2), dim=-1, eps=1e-12)
+
+
+class _CornerSum(torch.autograd.Function):
+    """Per-face values F x C summed onto each face's three corners -> V x C: forward one sparse
+    product (faster than scattering), backward a gather (faster than the sparse product's own
+    backward, which transposes the matrix every call)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, faces: Tensor, n_verts: int) -> Tensor:
+        ctx.save_for_backward(faces)
+        return _incidence(faces, n_verts).to(values.dtype) @ values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (faces,) = ctx.saved_tensors
+        return grad.index_select(0, faces.reshape(-1)).view(faces.shape[0], 3, -1).sum(1), None, None
 
 
 def sh_basis(normals: Tensor) -> Tensor:

@@ -237,7 +237,7 @@ def test_fit_starts_from_the_encoder(saved, encoder, synthetic_model_dir, tmp_pa
     rng = np.random.default_rng(0)
     image, lmk = render_photo(model, random_params(model, rng), rng, size=256)
     photo = write_case(tmp_path, "face", image, lmk)
-    zero = [f"stages.{s}.iterations=0" for s in ("rigid", "landmarks", "photometric")]
+    zero = [f"stages.{s}.iterations=0" for s in ("rigid", "landmarks", "photometric")] + ["resolution=224"]
     [result] = fit_images([photo], model=model, landmarks=tmp_path, detector="file", init="deca", overrides=zero)
     crop = torch.from_numpy(prepare_target(photo, 224, tmp_path / "face.npy").crop).permute(2, 0, 1)[None]
     with torch.no_grad():

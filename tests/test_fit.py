@@ -167,7 +167,7 @@ def test_a_stage_at_a_lower_resolution_sees_the_same_landmarks(standin_model, ph
     from fitter.recipe import load_recipe
 
     folder, cases = photo_set
-    recipe = load_recipe("default", ["perceptual=off"])
+    recipe = load_recipe("default", ["perceptual=off", "resolution=224"])
     setup = make_setup(standin_model, recipe)
     path = cases[0][0]
     target = prepare_target(path, recipe.resolution, folder / f"{path.stem}.npy")
