@@ -2,12 +2,14 @@
 
 Renders a synthetic clip of one random stand-in face through a fixed pinhole camera (the default
 field of view, principal point at the centre): the head turns +-25 degrees and nods, the expression
-moves through random keyframes, the jaw opens and closes. Tracks it twice, from the true landmarks
-(files) and from the detector, and reports per run: seconds per frame and the same as a multiple
-of R (bench.render's 224 x 224 batch-1 forward + backward, measured in this run), jitter (mean norm
-of the fitted landmarks' second difference over frames) against the true motion's own, the mean
-face-vertex error over frames (mm, similarity-aligned, bench.synthetic's face region) and the
-identity error (neutral shape against the true one, mm).
+moves through random keyframes, the jaw opens and closes. The frames are painted as bench.fit's test
+faces are (bench.synthetic.render_pinhole: its own camera and OpenCV rasterizer, painted eyes, brows
+and lips, a cluttered background, blur), with fresh sensor noise per frame, so that a detector sees a
+face. Tracks it twice, from the true landmarks (files) and from the detector, and reports per run:
+seconds per frame and the same as a multiple of R (bench.render's 224 x 224 batch-1 forward +
+backward, measured in this run), jitter (mean norm of the fitted landmarks' second difference over
+frames) against the true motion's own, the mean face-vertex error over frames (mm, similarity-aligned,
+bench.synthetic's face region) and the identity error (neutral shape against the true one, mm).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.synthetic import face_error_mm, face_region, random_params, render_photo, true_vertices
+from bench.synthetic import Pinhole, face_error_mm, face_region, random_params, render_pinhole, true_vertices
 from fitter import io
 from fitter.camera import default_focal_px
 from fitter.params import FitParams
@@ -57,13 +59,23 @@ def clip_params(model, frames: int, size: int, seed: int = 0, yaw_deg: float = 2
     return out
 
 
-def render_clip(model, params: list[FitParams], size: int, seed: int = 0):
-    """Frames (uint8 size x size x 3) and true landmarks (68 x 2 pixels) over one fixed background."""
+def clip_camera(params: FitParams, size: int) -> Pinhole:
+    """bench.synthetic's pinhole test camera for a frame's true camera (the fit's pinhole cam 1 x 6:
+    s, tx, ty, focal in half-frame units, principal point 0): camera space = model + (tx, ty, -focal / s)."""
+    s, tx, ty, f = (float(v) for v in params.cam[0, :4])
+    return Pinhole(focal=f * size / 2.0, cx=size / 2.0, cy=size / 2.0, t=np.array([tx, ty, -f / s]), size=size)
+
+
+def render_clip(model, params: list[FitParams], size: int, seed: int = 0, noise: float = 0.01):
+    """Frames (uint8 size x size x 3) and true landmarks (68 x 2 pixels, dynamic contour): every frame
+    painted by render_pinhole with the same face colours and background (one seed), then its own
+    sensor noise (sd `noise` of the full range)."""
     frames, lmks = [], []
-    for p in params:
-        img, lmk = render_photo(model, p, np.random.default_rng(seed + 1), size=size)
-        frames.append(img)
-        lmks.append(lmk)
+    for k, p in enumerate(params):
+        out = render_pinhole(model, p, clip_camera(p, size), np.random.default_rng(seed + 1), noise=0.0)
+        grain = np.random.default_rng((seed, k)).normal(0.0, 255.0 * noise, out["image"].shape)
+        frames.append(np.clip(out["image"] + grain, 0, 255).round().astype(np.uint8))
+        lmks.append(out["landmarks2d"])
     return frames, np.stack(lmks)
 
 

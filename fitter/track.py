@@ -1,13 +1,18 @@
 """Tracking a video: one identity for the clip, then each frame's expression and pose.
 
-1. read:     every selected frame (fitter.io.FrameSource); landmarks from files or the detector, the
+1. read:     every selected frame (fitter.io.FrameSource); landmarks from files or the detector (with
+             MediaPipe also its 478 dense points and their weights, as single-photo fits use them), the
              detections smoothed over time (One-Euro, fitter.filters); frames without a face are flagged.
 2. identity: shape (and albedo) from a joint fit over K keyframes: the recipe's `key_*` stages, its
              least-squares ones per keyframe as a warm start, then its Adam ones jointly with one shared
              shape (fitset.fit_identity). The focal length (pixels) is fixed for the clip here.
 3. frames:   in order, expression, jaw, neck, eyes, head pose and the camera translation (cam's s, tx,
              ty), warm-started from the previous frame, with the temporal terms against the two frames
-             before (the recipe's `frame_*` stages; shape and albedo stay the identity's).
+             before (the recipe's `frame_*` stages; shape and albedo stay the identity's). With
+             `track.camera = "moving"` (a handheld clip) the pose's temporal terms are left out (the
+             head-to-camera pose follows each frame freely: MOVING_DROPS) and the outputs hold the
+             head still: its rigid motion is written as a camera moving around it (R, t per frame,
+             global_pose 0).
 4. gaps:     frames without a face get parameters interpolated from their neighbours (linear for codes
              and translations, slerp for rotations); their frame_ok is False.
 
@@ -36,7 +41,8 @@ from priors.flame import FlameModel
 from . import detect, io
 from .camera import crop_intrinsics, default_focal_px
 from .filters import one_euro
-from .fit import FitSetup, Target, fit_targets, initial_params, load_flame, make_setup, polygon_mask, stack_targets
+from .fit import (FitSetup, Target, fit_targets, initial_params, load_flame, make_setup, polygon_mask, stack_targets,
+                  without_term)
 from .fitset import Identity, fit_identity
 from .losses import camera_translation, temporal_values
 from .optimize import Progress
@@ -47,7 +53,12 @@ from .synth import face_mask_polygon, synthesize
 POSES = ("global_pose", "neck_pose", "jaw_pose", "eye_pose")
 ROTATIONS = ("global_pose", "neck_pose", "jaw_pose")  # eye_pose: two rotations side by side
 PARTIAL = ".partial"
-FORMAT = 1  # bump when the .partial layout changes (old partial folders are then started over)
+CAMERA_MODES = ("fixed", "moving")
+# a moving (handheld) camera shakes: the head-to-camera pose is not smooth, so the frame stages leave out
+# the temporal terms of the translation and of the rotations (losses.pose_vector holds the head's rotation
+# with the neck's, jaw's and eyes' in one term, so these lose theirs too); the expression's terms stay
+MOVING_DROPS = ("trans_velocity", "trans_accel", "pose_velocity", "pose_accel")
+FORMAT = 2  # bump when the .partial layout changes (old partial folders are then started over)
 
 
 # ----------------------------------------------------------------------------- options
@@ -61,6 +72,7 @@ class TrackOptions:
     min_cutoff: float = 1.0  # Hz
     beta: float = 2.0  # cut-off rise per (face size / second) of landmark speed
     d_cutoff: float = 1.0  # Hz
+    camera: str = "fixed"  # fixed (the head moves before one still camera) | moving (handheld: see MOVING_DROPS)
 
 
 def track_options(recipe: Recipe) -> TrackOptions:
@@ -82,6 +94,8 @@ def track_options(recipe: Recipe) -> TrackOptions:
         raise RecipeError(f"{recipe.source}: 'track.keyframes' = {opts.keyframes} must be >= 1")
     if opts.focal not in ("default", "keyframes"):
         raise RecipeError(f"{recipe.source}: 'track.focal' = {opts.focal!r}; valid: default, keyframes")
+    if opts.camera not in CAMERA_MODES:
+        raise RecipeError(f"{recipe.source}: 'track.camera' = {opts.camera!r}; valid: {', '.join(CAMERA_MODES)}")
     if min(opts.min_cutoff, opts.d_cutoff) <= 0 or opts.beta < 0:
         raise RecipeError(f"{recipe.source}: 'track.min_cutoff' and 'track.d_cutoff' must be > 0, 'track.beta' >= 0")
     return opts
@@ -108,18 +122,25 @@ def track_setups(model: FlameModel, recipe: Recipe, device: str) -> TrackSetups:
     if not any(s.name.startswith("frame_") and s.iterations > 0 for s in recipe.stages):
         raise RecipeError(f"{recipe.source}: no frame_* stage with iterations > 0; fix: add one "
                           "(see recipes/track.toml)")
+    options = track_options(recipe)
     base = make_setup(model, recipe, device)
     pick = lambda keep: replace(base, recipe=replace(recipe, stages=[s for s in recipe.stages if keep(s)]))  # noqa: E731
+    frame = pick(lambda s: s.name.startswith("frame_"))
+    if options.camera == "moving":
+        for term in MOVING_DROPS:
+            frame = replace(frame, recipe=without_term(frame.recipe, term))
     return TrackSetups(pick(lambda s: s.name.startswith("key_") and s.solver == "lm"),
-                       pick(lambda s: s.name.startswith("key_") and s.solver != "lm"),
-                       pick(lambda s: s.name.startswith("frame_")), track_options(recipe))
+                       pick(lambda s: s.name.startswith("key_") and s.solver != "lm"), frame, options)
 
 
 # ----------------------------------------------------------------------------- detections
 @dataclass
 class Detections:
     """Per selected frame (T): source index, name, image size (H, W; 0 when unreadable), landmarks
-    68 x 2 (NaN without a face; filtered when detected), raw detections, seconds, warnings."""
+    68 x 2 (NaN without a face; filtered when detected), raw detections, seconds, warnings; with
+    MediaPipe also its dense points T x 478 x 2 (filtered alike; NaN without a face) and their
+    weights T x 478 (detect.dense_point_weights; 0 without a face), else None. `detected`: the
+    landmarks come from a detector (weighed by the recipe's detector_trust), not from files."""
 
     indices: np.ndarray
     names: list[str]
@@ -128,47 +149,62 @@ class Detections:
     raw: np.ndarray
     seconds: np.ndarray
     warnings: list[list[str]]
+    detected: bool = False
+    dense: np.ndarray | None = None
+    dense_weights: np.ndarray | None = None
 
     @property
     def ok(self) -> np.ndarray:
         return np.isfinite(self.landmarks).all((1, 2))
 
+    def target(self, k: int, image: np.ndarray, res: int, focal_px: float) -> Target:
+        """Frame k prepared for fitting (frame_target) with its landmarks and dense points."""
+        dense = None if self.dense is None or not np.isfinite(self.dense[k]).all() else self.dense[k]
+        return frame_target(self.names[k], image, self.landmarks[k], res, focal_px, dense,
+                            None if dense is None else self.dense_weights[k], self.detected)
+
 
 def frame_landmarks(frame: io.FrameRead, landmarks_dir: Path | None, detector: str, device: str):
-    """(68 x 2 landmarks or None, warning or None) for one frame; a setup problem (no detector) raises."""
+    """(68 x 2 landmarks or None, MediaPipe's (478 x 2 points, 478 weights) or None, warning or None) for
+    one frame; a setup problem (no detector) raises. MediaPipe gives both point sets in one run, as in
+    fit.prepare_target."""
     if frame.image is None:
-        return None, frame.error
+        return None, None, frame.error
+    dense = None
     try:
         if landmarks_dir is not None:
             file = io.landmarks_for_image(frame.name, landmarks_dir)
             if file is None:
-                return None, f"frame {frame.name}: no landmark file {Path(frame.name).stem}.pts/.npy/.json in " \
-                             f"{landmarks_dir}; treated as a frame without a face"
+                return None, None, f"frame {frame.name}: no landmark file {Path(frame.name).stem}.pts/.npy/.json " \
+                                   f"in {landmarks_dir}; treated as a frame without a face"
             lmk = io.read_landmarks(file)
+        elif detect.resolve_detector(detector) == "mediapipe":
+            lmk, *dense = detect.detect_landmarks_dense(frame.image)
         else:
             lmk = detect.detect_landmarks(frame.image, detector=detector, device=device)
-        return io.validate_landmarks(lmk, f"frame {frame.name}"), None
+        return io.validate_landmarks(lmk, f"frame {frame.name}"), dense, None
     except (NoFaceError, LandmarkError) as exc:
-        return None, f"frame {frame.name}: {exc}"
+        return None, None, f"frame {frame.name}: {exc}"
 
 
 def read_detections(source: io.FrameSource, landmarks_dir: Path | None, detector: str, device: str,
                     options: TrackOptions, progress: Progress | None = None) -> Detections:
-    indices, names, sizes, lmks, secs, warns = [], [], [], [], [], []
+    indices, names, sizes, lmks, denses, secs, warns = [], [], [], [], [], [], []
     size0 = None
     for k, frame in enumerate(source, start=1):
         start = time.perf_counter()
-        lmk, warning = frame_landmarks(frame, landmarks_dir, detector, device)
+        lmk, dense, warning = frame_landmarks(frame, landmarks_dir, detector, device)
         shape = frame.image.shape[:2] if frame.image is not None else (0, 0)
         if frame.image is not None:
             size0 = size0 or shape
             if shape != size0:
-                lmk, warning = None, f"frame {frame.name}: {shape[1]}x{shape[0]} px, the clip is " \
-                                     f"{size0[1]}x{size0[0]}; skipped (one camera for the clip)"
+                lmk, dense, warning = None, None, f"frame {frame.name}: {shape[1]}x{shape[0]} px, the clip is " \
+                                                  f"{size0[1]}x{size0[0]}; skipped (one camera for the clip)"
         indices.append(frame.index)
         names.append(frame.name)
         sizes.append(shape)
         lmks.append(np.full((68, 2), np.nan, np.float32) if lmk is None else lmk.astype(np.float32))
+        denses.append(dense)
         secs.append(time.perf_counter() - start)
         warns.append([warning] if warning else [])
         if progress is not None:
@@ -176,33 +212,47 @@ def read_detections(source: io.FrameSource, landmarks_dir: Path | None, detector
     if not names:
         raise UsageError(f"{source.path}: --start/--end/--every select no frames; fix: widen the range")
     raw = np.stack(lmks)
-    det = Detections(np.array(indices), names, np.array(sizes, np.int64), raw.copy(), raw, np.array(secs), warns)
-    if options.filter and landmarks_dir is None:
+    det = Detections(np.array(indices), names, np.array(sizes, np.int64), raw.copy(), raw, np.array(secs), warns,
+                     detected=landmarks_dir is None)
+    if any(d is not None for d in denses):  # frames without dense points: NaN points, weight 0
+        det.dense = np.stack([np.full((478, 2), np.nan, np.float32) if d is None else d[0] for d in denses])
+        det.dense_weights = np.stack([np.zeros(478, np.float32) if d is None else d[1] for d in denses])
+    if options.filter and det.detected:
         det.landmarks = filter_landmarks(raw, source.fps, options)
+        if det.dense is not None:  # the same filter, in the same face-size units as the 68
+            det.dense = filter_landmarks(det.dense, source.fps, options, scale_from=raw)
     return det
 
 
-def filter_landmarks(raw: np.ndarray, fps: float, options: TrackOptions) -> np.ndarray:
-    """One-Euro filter over the frames with a face (T x 68 x 2, NaN rows skipped), in units of the face
-    size (so the filter's settings mean the same at any resolution)."""
+def filter_landmarks(raw: np.ndarray, fps: float, options: TrackOptions, scale_from: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """One-Euro filter over the frames with a face (T x N x 2, NaN rows skipped), in units of the face
+    size (so the filter's settings mean the same at any resolution): the median crop size of the 68
+    landmarks `scale_from` (T x 68 x 2; default raw itself)."""
     ok = np.isfinite(raw).all((1, 2))
     out = raw.copy()
     if ok.sum() < 2:
         return out
     pts = raw[ok].astype(np.float64)
-    scale = np.median([detect.square_box(p)[2] for p in pts])
+    ref = raw if scale_from is None else scale_from
+    scale = np.median([detect.square_box(p)[2] for p in ref[np.isfinite(ref).all((1, 2))]])
     times = np.nonzero(ok)[0] / fps
     out[ok] = (one_euro(pts / scale, times, options.min_cutoff, options.beta, options.d_cutoff) * scale)
     return out.astype(np.float32)
 
 
-def frame_target(name: str, image: np.ndarray, landmarks: np.ndarray, res: int, focal_px: float) -> Target:
-    """A frame prepared for fitting as fit.prepare_target does a photo (same crop, mask and intrinsics)."""
+def frame_target(name: str, image: np.ndarray, landmarks: np.ndarray, res: int, focal_px: float,
+                 dense: np.ndarray | None = None, dense_weights: np.ndarray | None = None,
+                 detected: bool = False) -> Target:
+    """A frame prepared for fitting as fit.prepare_target does a photo (same crop, mask, intrinsics and
+    dense points; detected landmarks weigh the recipe's detector_trust)."""
     box = detect.square_box(landmarks)
     crop = detect.crop_image(image, box, res)
     lmk_crop = detect.to_crop(landmarks, box, res).astype(np.float32)
     mask = polygon_mask(face_mask_polygon(lmk_crop), res)
-    return Target(Path(name), image, 1.0, box, crop, landmarks.astype(np.float32), lmk_crop, mask, focal_px, "clip")
+    dense_crop = detect.to_crop(dense, box, res).astype(np.float32) if dense is not None else None
+    return Target(Path(name), image, 1.0, box, crop, landmarks.astype(np.float32), lmk_crop, mask, focal_px, "clip",
+                  dense_crop=dense_crop, dense_weights=dense_weights, detected=detected)
 
 
 # ----------------------------------------------------------------------------- camera in a frame's crop
@@ -224,6 +274,29 @@ def opencv_extrinsics(trans: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """R (3, 3), t (3,) world-to-camera (OpenCV axes) of a model origin at trans = (tx, ty, distance), as
     camera.opencv_camera writes them."""
     return np.diag([1.0, -1.0, -1.0]).astype(np.float32), np.array([trans[0], -trans[1], trans[2]], np.float32)
+
+
+def moving_camera_extrinsics(model: FlameModel, identity: Identity, values: dict) -> tuple[np.ndarray, np.ndarray]:
+    """R (T, 3, 3), t (T, 3) of a camera moving around a head held still (global_pose 0) that sees what
+    the fitted head-to-camera poses show. FLAME's global rotation G turns the whole posed head about
+    the root joint J (v -> G (v - J) + J; J from the frame's shape and expression), so the head with
+    global_pose 0 seen with R = R0 G, t = R0 (J - G J) + t0 projects exactly like the fitted one seen
+    with opencv_extrinsics' R0, t0. values: name -> T x ... (exp, poses, trans), as fitted."""
+    from scipy.spatial.transform import Rotation
+
+    T = len(values["trans"])
+    t_ = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
+    zeros = torch.zeros(T, 3)
+    with torch.no_grad():
+        joints = model(t_(identity.shape)[None].expand(T, -1), t_(values["exp"]), zeros, zeros, zeros,
+                       torch.zeros(T, 6)).joints
+    root = joints[:, 0].double().numpy()  # T x 3, the root joint (its rest position: nothing turns it)
+    G = Rotation.from_rotvec(values["global_pose"].astype(np.float64)).as_matrix()
+    R0, _ = opencv_extrinsics(np.zeros(3))
+    t0 = np.stack([opencv_extrinsics(t)[1] for t in values["trans"]]).astype(np.float64)
+    R = R0 @ G
+    t = (R0 @ (root - (G @ root[..., None])[..., 0])[..., None])[..., 0] + t0
+    return R, t
 
 
 # ----------------------------------------------------------------------------- per-frame records
@@ -354,12 +427,15 @@ class PartialDir:
             return None
         d = _load_npz(path)
         return Detections(d["indices"], [str(n) for n in d["names"]], d["sizes"], d["landmarks"], d["raw"],
-                          d["seconds"], json.loads(str(d["warnings"])))
+                          d["seconds"], json.loads(str(d["warnings"])), bool(d["detected"]), d.get("dense"),
+                          d.get("dense_weights"))
 
     def save_detections(self, det: Detections) -> None:
+        dense = {} if det.dense is None else {"dense": det.dense, "dense_weights": det.dense_weights}
         _save_npz(self.root / "detections.npz", {
             "indices": det.indices, "names": np.array(det.names), "sizes": det.sizes, "landmarks": det.landmarks,
-            "raw": det.raw, "seconds": det.seconds, "warnings": np.array(json.dumps(det.warnings))})
+            "raw": det.raw, "seconds": det.seconds, "warnings": np.array(json.dumps(det.warnings)),
+            "detected": np.bool_(det.detected), **dense})
 
     def load_identity(self) -> tuple[Identity, float, str, list[str]] | None:
         path = self.root / "identity.npz"
@@ -405,6 +481,8 @@ class Track:
     lights: np.ndarray  # T x 9 x 3
     fitted_frames: int = 0  # frames fitted in this run (the others came from .partial)
     warnings: list[str] = field(default_factory=list)
+    values: dict[str, np.ndarray] = field(default_factory=dict)  # per frame as fitted: exp, poses, trans (the
+    # head relative to the camera, whichever camera mode wrote the arrays), for rendering
 
 
 def pick_keyframes(ok: np.ndarray, k: int) -> np.ndarray:
@@ -456,8 +534,7 @@ def track_video(source, out_dir, recipe: str | Recipe = "track", model=None, lan
         keys = pick_keyframes(ok, setups.options.keyframes)
         wanted = set(det.indices[keys].tolist())
         images = {int(f.index): f.image for f in src if f.index in wanted}
-        targets = [frame_target(det.names[k], images[int(det.indices[k])], det.landmarks[k], res, focal_px)
-                   for k in keys]
+        targets = [det.target(k, images[int(det.indices[k])], res, focal_px) for k in keys]
         identity, key_results = fit_keyframe_identity(setups, targets, progress)
         if setups.options.focal == "keyframes":
             focal_px = float(np.median([r.K[0, 0] for r in key_results]))
@@ -491,7 +568,7 @@ def track_video(source, out_dir, recipe: str | Recipe = "track", model=None, lan
         raise UsageError(f"{src.path}: the clip gave {len(records)} frames on a second read, {T} the first time; "
                          "fix: do not change the input while tracking")
     track = assemble(flame, recipe, src, det, identity, records, focal_px, focal_source, res, warnings,
-                     time.perf_counter() - started)
+                     time.perf_counter() - started, setups.options.camera)
     track.fitted_frames = fitted
     track.report["resumed"] = partial.resumed
     return track
@@ -503,7 +580,7 @@ def fit_one_frame(setup: FitSetup, frame: io.FrameRead, det: Detections, k: int,
     if not det.ok[k] or frame.image is None:
         return missing_record(setup.model.n_exp)
     start = time.perf_counter()
-    target = frame_target(det.names[k], frame.image, det.landmarks[k], res, focal_px)
+    target = det.target(k, frame.image, res, focal_px)
     device = setup.device
     if history:
         init = params_from_record(history[0], identity, crop_camera(history[0]["trans"], focal_px, target.box, size),
@@ -512,8 +589,10 @@ def fit_one_frame(setup: FitSetup, frame: io.FrameRead, det: Detections, k: int,
         init = initial_params(setup, stack_targets([target], setup.recipe.landmark_weights, device))
         init.shape = torch.as_tensor(identity.shape, device=device)[None]
         init.albedo = torch.as_tensor(identity.albedo, device=device)[None]
-    frame_setup = replace(setup, extra={**setup.extra, "history": history_from(history, identity, device)})
-    result = fit_targets(frame_setup, [target], init=init)[0]
+    # the history goes into the setup's own extra (not a copy), so that what fit_targets caches there
+    # once (the dense embedding's confidence) serves every frame
+    setup.extra["history"] = history_from(history, identity, device)
+    result = fit_targets(setup, [target], init=init)[0]
     trans = camera_translation(result.params.cam)[0].cpu().numpy()  # with the clip's focal length: see crop_camera
     return record_from_result(result, trans, time.perf_counter() - start + float(det.seconds[k]))
 
@@ -527,7 +606,7 @@ def frame_params(identity: Identity, values: dict, light: np.ndarray, k: int, fo
 
 def assemble(model: FlameModel, recipe: Recipe, src: io.FrameSource, det: Detections, identity: Identity,
              records: list[dict], focal_px: float, focal_source: str, res: int, warnings: list[str],
-             seconds: float) -> Track:
+             seconds: float, camera: str = "fixed") -> Track:
     ok = np.array([bool(r["ok"]) for r in records])
     values = {n: np.stack([r[n] for r in records]) for n in ("exp", *POSES, "trans", "box")}
     values = interpolate_missing(values, ok)
@@ -540,12 +619,17 @@ def assemble(model: FlameModel, recipe: Recipe, src: io.FrameSource, det: Detect
         with torch.no_grad():
             pred = synthesize(model.to("cpu"), p, res, render=False)
         lmk[k] = detect.from_crop(pred["landmarks2d"][0].numpy(), values["box"][k], res)
-    Rs, ts = zip(*(opencv_extrinsics(t) for t in values["trans"]), strict=True)
+    if camera == "moving":
+        Rs, ts = moving_camera_extrinsics(model.to("cpu"), identity, values)
+        poses = {**values, "global_pose": np.zeros_like(values["global_pose"])}
+    else:
+        Rs, ts = (np.stack(a) for a in zip(*(opencv_extrinsics(t) for t in values["trans"]), strict=True))
+        poses = values
     frames = det.indices.astype(np.int64) if src.kind == "video" else np.array(det.names)
     arrays = {
         "shape": identity.shape.astype(np.float32), "albedo": identity.albedo.astype(np.float32),
-        **{n: values[n].astype(np.float32) for n in ("exp", *POSES)},
-        "R": np.stack(Rs), "t": np.stack(ts), "landmarks2d": lmk.astype(np.float32),
+        **{n: poses[n].astype(np.float32) for n in ("exp", *POSES)},
+        "R": Rs.astype(np.float32), "t": ts.astype(np.float32), "landmarks2d": lmk.astype(np.float32),
         "landmarks2d_target": np.stack([r["landmarks2d_target"] for r in records]).astype(np.float32),
         "frame_ok": ok, "K": clip_intrinsics(focal_px, size), "fps": np.float32(src.fps), "frames": frames,
         "model": np.array(model.tag), "recipe": np.array(recipe.name),
@@ -565,12 +649,12 @@ def assemble(model: FlameModel, recipe: Recipe, src: io.FrameSource, det: Detect
     report = {
         "source": str(src.path), "kind": src.kind, "frames": len(records), "frames_ok": int(ok.sum()),
         "fps": round(float(src.fps), 4), "model": model.tag, "recipe": recipe.name,
-        "camera": {"focal_px": round(float(focal_px), 2), "focal_source": focal_source, "fixed": True},
+        "camera": {"focal_px": round(float(focal_px), 2), "focal_source": focal_source, "mode": camera},
         "keyframes": identity.images, "seconds": round(seconds, 3),
         "landmark_rmse_px_mean": round(float(np.nanmean(errs)), 3) if ok.any() else None,
         "per_frame": per_frame, **({"warnings": all_warnings} if all_warnings else {}),
     }
-    return Track(arrays, report, values["box"], lights, warnings=all_warnings)
+    return Track(arrays, report, values["box"], lights, warnings=all_warnings, values=values)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -597,8 +681,7 @@ def overlay_frames(model: FlameModel, track: Track, src: io.FrameSource, progres
     K = a["K"]
     size = (round(K[1, 2] * 2), round(K[0, 2] * 2))
     focal = float(K[0, 0])
-    values = {n: a[n] for n in ("exp", *POSES)}
-    values["trans"] = np.stack([a["t"][:, 0], -a["t"][:, 1], a["t"][:, 2]], axis=1)
+    values = track.values  # the head relative to the camera, as fitted (a moving camera's arrays hold it still)
     T = len(a["frame_ok"])
     for k, frame in enumerate(src):
         if k >= T:

@@ -12,14 +12,17 @@ from click.testing import CliRunner
 from scipy.spatial.transform import Rotation
 
 import cli
-from bench.track import clip_params, render_clip, write_clip
+from bench.track import clip_params, jitter, render_clip, write_clip
 from fitter import detect, io
+from fitter import track as track_module
 from fitter.camera import pinhole_project, project_opencv
 from fitter.filters import OneEuroFilter, one_euro
 from fitter.losses import TERMS, Context, camera_translation, temporal_residual
 from fitter.params import FitParams
-from fitter.track import clip_intrinsics, crop_camera, interpolate_missing, opencv_extrinsics, track_video
-from priors.errors import ImageError
+from fitter.recipe import load_recipe
+from fitter.track import (TrackOptions, clip_intrinsics, crop_camera, interpolate_missing, opencv_extrinsics,
+                          read_detections, track_setups, track_video)
+from priors.errors import ImageError, NoFaceError, RecipeError
 
 FRAMES, SIZE, GAP = 8, 160, 4  # frame GAP has no landmark file: a frame without a face
 SMALL = ["resolution=96", "track.keyframes=3", "stages.key_joint.iterations=30", "stages.frame_landmarks.iterations=5"]
@@ -362,3 +365,208 @@ def test_exported_track_plays_the_tracked_frames(cli_track, standin_path, tmp_pa
     r = run("export", out / "track.npz", "--format", "glb", "--out", tmp_path / "clip.glb", "--model", standin_path)
     assert r.exit_code == 0, r.output
     assert f"{FRAMES} frame(s) at 25 fps" in r.output and (tmp_path / "clip.glb").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- MediaPipe's dense points
+GAZE = np.array([0.0, 0.3, 0.0, 0.0, 0.3, 0.0], np.float32)  # both eyes 17 degrees aside; the renders look ahead
+
+
+@pytest.fixture(scope="module")
+def dense_clip(clip, standin_path):
+    """A stand-in MediaPipe for the clip: per frame (found by its pixels) the true 68 landmarks and the
+    true 478 dense points (the stand-in's own MediaPipe embedding, through the clip's camera) of the
+    clip's head looking aside (GAZE), all weights 1. Only the dense iris points can show the gaze."""
+    from fitter.fit import load_flame
+    from fitter.synth import synthesize
+    from priors.dense_embedding import dense_embedding_for
+
+    folder, _, truth, _, images = clip
+    m = load_flame(standin_path)  # its own copy: attach_dense changes the model's lean buffers
+    emb = dense_embedding_for(m)
+    m.attach_dense(emb.faces, emb.bary)
+    found = {}
+    for img, p in zip(images, truth, strict=True):
+        p = FitParams(**{**dict(p.items()), "eye_pose": torch.as_tensor(GAZE)[None]})
+        with torch.no_grad():
+            pred = synthesize(m, p, SIZE, render=False)
+        found[img.tobytes()] = (pred["landmarks2d"][0].numpy(), pred["dense2d"][0].numpy(), np.ones(478, np.float32))
+    return folder, found
+
+
+def fake_mediapipe(monkeypatch, found):
+    """detect.detect_landmarks_dense answers from `found` (no face for unknown frames); counts its calls."""
+    calls = []
+
+    def detect_dense(image, face_index=None):
+        calls.append(1)
+        if image.tobytes() not in found:
+            raise NoFaceError("no face found by mediapipe")
+        return tuple(np.array(a, np.float32) for a in found[image.tobytes()])
+
+    monkeypatch.setattr(detect, "detect_landmarks_dense", detect_dense)
+    return calls
+
+
+def spy_reports(monkeypatch) -> list[dict]:
+    """The fit.json-style reports of every fit the track makes (keyframes, then each frame)."""
+    reports = []
+    real_fit = track_module.fit_targets
+
+    def spy(setup, targets, *a, **k):
+        out = real_fit(setup, targets, *a, **k)
+        reports.extend(r.report for r in out)
+        return out
+
+    monkeypatch.setattr(track_module, "fit_targets", spy)
+    return reports
+
+
+@pytest.fixture(scope="module")
+def dense_track(dense_clip, standin_path, tmp_path_factory):
+    """The clip tracked from the stand-in MediaPipe: (Track, the reports of its fits)."""
+    from fitter.fit import load_flame
+
+    folder, found = dense_clip
+    mp = pytest.MonkeyPatch()
+    fake_mediapipe(mp, found)
+    reports = spy_reports(mp)
+    try:
+        track = track_video(folder, tmp_path_factory.mktemp("dense"), model=load_flame(standin_path),
+                            detector="mediapipe", overrides=SMALL)
+    finally:
+        mp.undo()
+    return track, reports
+
+
+def test_dense_detections_are_filtered_like_the_68(clip, monkeypatch):
+    """Dense points that are copies of the 68 come out of the One-Euro filter exactly as the 68 do
+    (the same filter in the same face-size units), and smoother than detected."""
+    folder, _, _, true_lmk, images = clip
+    rng = np.random.default_rng(0)
+    noisy = true_lmk + rng.normal(0, 1.5, true_lmk.shape).astype(np.float32)
+    found = {}
+    for k, img in enumerate(images):
+        dense = np.concatenate([noisy[k], noisy[k].mean(0) + rng.normal(0, 20, (478 - 68, 2))]).astype(np.float32)
+        found[img.tobytes()] = (noisy[k], dense, np.linspace(0, 1, 478, dtype=np.float32))
+    fake_mediapipe(monkeypatch, found)
+    det = read_detections(io.FrameSource(folder), None, "mediapipe", "cpu", TrackOptions())
+    assert det.detected and det.dense.shape == (FRAMES, 478, 2) and det.dense_weights.shape == (FRAMES, 478)
+    np.testing.assert_allclose(det.dense[:, :68], det.landmarks, atol=1e-4)
+    np.testing.assert_array_equal(det.raw, noisy)
+    assert jitter(det.landmarks) < 0.7 * jitter(noisy)  # the filter smooths
+    assert np.allclose(det.dense_weights, np.linspace(0, 1, 478)) and det.ok.all()
+    # landmark files have no dense points and are used as given
+    det_files = read_detections(io.FrameSource(folder), clip[1], "mediapipe", "cpu", TrackOptions())
+    assert det_files.dense is None and not det_files.detected
+
+
+def test_dense_points_reach_the_frame_fit(dense_clip, dense_track, standin_path, tmp_path, monkeypatch):
+    """Detections with dense points: the frame stage's dense term is live (its iris points fit the gaze,
+    which the 68 landmarks cannot show); with the term's weight 0 the eyes stay where they start."""
+    from fitter.fit import load_flame
+
+    folder, found = dense_clip
+    track, reports = dense_track
+    stages = [s for r in reports for s in r["stages"]]
+    frame_dense = [s["losses"]["dense_landmark"] for s in stages if s["name"] == "frame_landmarks"]
+    assert len(frame_dense) == FRAMES and all(v > 0 for v in frame_dense)
+    assert all(s["losses"]["dense_landmark"] > 0 for s in stages if s["name"] == "key_landmarks")
+    yaw = track.arrays["eye_pose"][:, [1, 4]]  # each eye's turn about the vertical axis, per frame
+    assert abs(yaw.mean() - GAZE[1]) < 0.06 and yaw.min() > 0.15, yaw
+    assert all(f["landmark_rmse_px"] < 3.0 for f in track.report["per_frame"])
+    fake_mediapipe(monkeypatch, found)
+    blind = track_video(folder, tmp_path, model=load_flame(standin_path), detector="mediapipe",
+                        overrides=[*SMALL, "stages.frame_landmarks.weights.dense_landmark=0"])
+    assert np.abs(blind.arrays["eye_pose"][:, [1, 4]]).max() < 0.02
+
+
+def test_resume_keeps_the_dense_detections(dense_clip, dense_track, standin_path, tmp_path, monkeypatch):
+    """An interrupted track from the detector resumes from .partial: the detector is not run again, the
+    stored dense points are used (the gaze comes out as before), and the result is the uninterrupted one."""
+    from fitter.fit import load_flame
+
+    folder, found = dense_clip
+    calls = fake_mediapipe(monkeypatch, found)
+
+    def interrupt(k, rec):
+        if k == 2:
+            raise KeyboardInterrupt
+
+    model = load_flame(standin_path)
+    with pytest.raises(KeyboardInterrupt):
+        track_video(folder, tmp_path, model=model, detector="mediapipe", overrides=SMALL, on_frame=interrupt)
+    assert len(calls) == FRAMES
+    with np.load(tmp_path / ".partial" / "detections.npz") as d:
+        assert d["dense"].shape == (FRAMES, 478, 2) and bool(d["detected"])
+    resumed = track_video(folder, tmp_path, model=model, detector="mediapipe", overrides=SMALL)
+    assert len(calls) == FRAMES and resumed.report["resumed"] and resumed.fitted_frames == FRAMES - 3
+    for key in CONTRACT_KEYS - {"frames", "model", "recipe"}:
+        np.testing.assert_allclose(resumed.arrays[key], dense_track[0].arrays[key], rtol=0, atol=1e-5, err_msg=key)
+
+
+# ----------------------------------------------------------------------------- a moving camera
+def test_camera_option_changes_the_frame_objective(standin_model):
+    fixed = track_setups(standin_model, load_recipe("track"), "cpu")
+    moving = track_setups(standin_model, load_recipe("track", ["track.camera=moving"]), "cpu")
+    assert fixed.options.camera == "fixed" and moving.options.camera == "moving"
+    pose_terms = ("trans_velocity", "trans_accel", "pose_velocity", "pose_accel")
+    for f, m in zip(fixed.frame.recipe.stages, moving.frame.recipe.stages, strict=True):
+        assert {k: w for k, w in f.weights.items() if k not in pose_terms} == m.weights
+    assert all(fixed.frame.recipe.stages[0].weights[k] > 0 for k in pose_terms)
+    assert moving.frame.recipe.stages[0].weights["exp_accel"] > 0  # the expression is still smoothed
+    assert fixed.keyframe.recipe.stages == moving.keyframe.recipe.stages  # the identity is fitted alike
+    with pytest.raises(RecipeError, match="track.camera.*fixed, moving"):
+        track_setups(standin_model, load_recipe("track", ["track.camera=handheld"]), "cpu")
+
+
+def test_moving_camera_holds_the_head_and_moves_the_camera(clip, cli_track, standin_model, tmp_path):
+    """camera = "moving": global_pose 0 in every frame, R and t carry the head's motion, and the head as
+    written (shape, exp, poses) seen through K, R, t lands on the fitted landmarks, which follow the true
+    ones as a fixed camera's track does (the fixed camera's R is the same every frame, its head turns)."""
+    folder, lmk_dir, _, true_lmk, _ = clip
+    track = track_video(folder, tmp_path, model=standin_model, landmarks=lmk_dir,
+                        overrides=[*SMALL, "track.camera=moving"])
+    a = track.arrays
+    assert np.array_equal(a["global_pose"], np.zeros((FRAMES, 3))) and track.report["camera"]["mode"] == "moving"
+    turn = Rotation.from_matrix(a["R"][0]).inv() * Rotation.from_matrix(a["R"][-1])
+    assert turn.magnitude() > np.deg2rad(5)  # the head turned: now the camera does
+    t = lambda x: torch.as_tensor(x)  # noqa: E731
+    with torch.no_grad():
+        out = standin_model(t(a["shape"])[None].expand(FRAMES, -1), t(a["exp"]), t(a["global_pose"]),
+                            t(a["neck_pose"]), t(a["jaw_pose"]), t(a["eye_pose"]))
+    for k in range(FRAMES):  # iBUG 17-67 (the jaw contour's choice of points depends on the view)
+        px = project_opencv(out.landmarks3d[k, 17:].double().numpy(), a["K"], a["R"][k], a["t"][k])
+        assert np.abs(px - a["landmarks2d"][k, 17:]).max() < 0.05
+    err = np.sqrt(((a["landmarks2d"] - true_lmk) ** 2).sum(-1)).mean(1)  # the head follows as with a fixed one
+    assert err[a["frame_ok"]].max() < 2.5
+    with np.load(cli_track[0] / "track.npz") as fixed:
+        assert np.allclose(fixed["R"], np.diag([1.0, -1.0, -1.0])) and np.abs(fixed["global_pose"]).max() > 0.1
+
+
+def test_moving_camera_follows_a_shaking_camera_closer(clip, standin_model, tmp_path):
+    """A handheld camera: the head-to-camera pose shakes from frame to frame (+-2 degrees, +-1 cm, +-2 cm in
+    depth). Exact landmark files of the shaking views: the moving-camera track follows them closer than
+    the fixed camera's, whose temporal terms hold the pose back."""
+    from fitter.synth import synthesize
+
+    folder, _, truth, _, _ = clip
+    rng = np.random.default_rng(7)
+    lmk_dir = tmp_path / "shaky"
+    lmk_dir.mkdir()
+    shaky = []
+    for k, p in enumerate(truth):
+        turn = Rotation.from_rotvec(rng.normal(0, np.deg2rad(2.0), 3)) * Rotation.from_rotvec(p.global_pose[0].numpy())
+        s, tx, ty, f = (float(v) for v in p.cam[0, :4])
+        depth = f / s + rng.normal(0, 0.02)
+        q = FitParams(**{**dict(p.items()), "global_pose": torch.tensor(turn.as_rotvec(), dtype=torch.float32)[None],
+                         "cam": torch.tensor([[f / depth, tx + rng.normal(0, 0.01), ty + rng.normal(0, 0.01), f,
+                                               0.0, 0.0]])})
+        with torch.no_grad():
+            shaky.append(synthesize(standin_model, q, SIZE, render=False)["landmarks2d"][0].numpy())
+        io.write_landmarks(lmk_dir / f"{k:04d}.npy", shaky[-1])
+    err = {}
+    for mode in ("fixed", "moving"):
+        a = track_video(folder, tmp_path / mode, model=standin_model, landmarks=lmk_dir,
+                        overrides=[*SMALL, f"track.camera={mode}"]).arrays
+        err[mode] = np.sqrt(((a["landmarks2d"] - np.stack(shaky)) ** 2).sum(-1)).mean(1)[2:].mean()
+    assert err["moving"] < 0.8 * err["fixed"], err
