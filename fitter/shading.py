@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -35,7 +36,9 @@ def _incidence(faces: Tensor, n_verts: int) -> Tensor:
     nf = faces.shape[0]
     idx = torch.stack([faces.reshape(-1), torch.arange(nf, device=faces.device).repeat_interleave(3)])
     ones = torch.ones(3 * nf, device=faces.device)
-    A = torch.sparse_coo_tensor(idx, ones, (n_verts, nf)).coalesce().to_sparse_csr()
+    with warnings.catch_warnings():  # torch calls its sparse CSR support beta; this product is plain and tested
+        warnings.simplefilter("ignore", UserWarning)
+        A = torch.sparse_coo_tensor(idx, ones, (n_verts, nf)).coalesce().to_sparse_csr()
     if len(_INCIDENCE) >= 8:
         _INCIDENCE.pop(next(iter(_INCIDENCE)))
     _INCIDENCE[key] = (faces.clone(), A)
