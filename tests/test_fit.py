@@ -54,9 +54,16 @@ def test_batch_matches_single_fits(standin_model, photo_set):
                          batch_size=2, overrides=overrides)
     single = fit_images(paths, recipe="fast", model=standin_model, landmarks=folder, detector="file",
                         batch_size=1, overrides=overrides)
+    # what batching must not change is the fit itself: the fitted points to a hundredth of a pixel.
+    # Along the objective's flat directions (shape modes at the neck cut) float32 summation order,
+    # which differs with the batch size and the thread count, moves the parameters by ~1e-3 and
+    # some vertices far from the landmarks by up to ~0.6 mm; mixing the two images up moves them by
+    # ~100 mm
     for b, s in zip(batched, single, strict=True):
-        torch.testing.assert_close(b.params.exp, s.params.exp, atol=1e-4, rtol=1e-3)
-        torch.testing.assert_close(b.params.cam, s.params.cam, atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(b.landmarks2d, s.landmarks2d, atol=0.01, rtol=0)
+        torch.testing.assert_close(b.params.exp, s.params.exp, atol=5e-3, rtol=0)
+        assert np.abs(b.vertices - s.vertices).max() < 2e-3
+    assert np.abs(batched[0].vertices - single[1].vertices).max() > 0.02
 
 
 def test_one_bad_image_does_not_stop_the_batch(standin_model, photo_set, tmp_path):
