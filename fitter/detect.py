@@ -483,6 +483,15 @@ def dense_point_weights(points3d: np.ndarray, neighbours: int = FAR_SIDE_NEIGHBO
     return np.clip(weights, floor, 1.0).astype(np.float32)
 
 
+def detect_points(image: np.ndarray, detector: str = "auto", device: str = "cpu", face_index: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The 68 points and, when the detector is MediaPipe, its 478 points and their weights from the
+    same run (detect_landmarks_dense): (68 x 2, 478 x 2 or None, 478 or None)."""
+    if resolve_detector(detector) == "mediapipe":
+        return detect_landmarks_dense(image, face_index=face_index)
+    return detect_landmarks(image, detector=detector, device=device, face_index=face_index), None, None
+
+
 def detect_landmarks_dense(image: np.ndarray, face_index: int | None = None
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One MediaPipe run for both landmark sets of the largest face (or the face_index-th by size).

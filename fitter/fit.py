@@ -127,10 +127,7 @@ def prepare_target(path: str | Path, res: int, landmarks_file: Path | None = Non
     dense = dense_w = None
     if landmarks_file is None:
         try:
-            if detect.resolve_detector(detector) == "mediapipe":  # one run for the 68 and the 478 points
-                lmk, dense, dense_w = detect.detect_landmarks_dense(image, face_index=face_index)
-            else:
-                lmk = detect.detect_landmarks(image, detector=detector, device=device, face_index=face_index)
+            lmk, dense, dense_w = detect.detect_points(image, detector, device, face_index)
         except NoFaceError as exc:
             raise NoFaceError(f"{path}: {exc}") from None
     lmk = io.validate_landmarks(lmk, landmarks_file or f"{path} (detected landmarks)")

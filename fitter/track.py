@@ -166,8 +166,8 @@ class Detections:
 
 def frame_landmarks(frame: io.FrameRead, landmarks_dir: Path | None, detector: str, device: str):
     """(68 x 2 landmarks or None, MediaPipe's (478 x 2 points, 478 weights) or None, warning or None) for
-    one frame; a setup problem (no detector) raises. MediaPipe gives both point sets in one run, as in
-    fit.prepare_target."""
+    one frame; a setup problem (no detector) raises. MediaPipe gives both point sets in one run
+    (detect.detect_points, as fit.prepare_target uses it)."""
     if frame.image is None:
         return None, None, frame.error
     dense = None
@@ -178,10 +178,9 @@ def frame_landmarks(frame: io.FrameRead, landmarks_dir: Path | None, detector: s
                 return None, None, f"frame {frame.name}: no landmark file {Path(frame.name).stem}.pts/.npy/.json " \
                                    f"in {landmarks_dir}; treated as a frame without a face"
             lmk = io.read_landmarks(file)
-        elif detect.resolve_detector(detector) == "mediapipe":
-            lmk, *dense = detect.detect_landmarks_dense(frame.image)
         else:
-            lmk = detect.detect_landmarks(frame.image, detector=detector, device=device)
+            lmk, points, weights = detect.detect_points(frame.image, detector, device)
+            dense = None if points is None else [points, weights]
         return io.validate_landmarks(lmk, f"frame {frame.name}"), dense, None
     except (NoFaceError, LandmarkError) as exc:
         return None, None, f"frame {frame.name}: {exc}"
