@@ -304,12 +304,17 @@ TERMS: dict[str, Term] = {
 # ----------------------------------------------------------------------------- temporal terms (video tracking)
 # The context's extra["history"] holds the previous frames' values, most recent first:
 # name -> H x N x K for the track's rows N (H = 0, 1 or 2 frames so far), names as in temporal_values.
+def head_rotation(params) -> Tensor:
+    """The head's rotation relative to the camera, global + neck (to first order the two composed) -> B x 3.
+    Its own term keeps a turn from being spread over global and neck just to halve its squared change,
+    and a moving (handheld) camera can leave it out while the face's own motion stays smoothed."""
+    return params.global_pose + params.neck_pose
+
+
 def pose_vector(params) -> Tensor:
-    """The rotations a frame fits, one vector B x 15 (axis-angle): the head's (global + neck, to first
-    order the two composed), the neck's, the jaw's (B x 3 each) and the eyes' (B x 6). The head's own
-    entry keeps a turn from being spread over global and neck just to halve its squared change."""
-    head = params.global_pose + params.neck_pose
-    return torch.cat([head, params.neck_pose, params.jaw_pose, params.eye_pose], dim=1)
+    """The articulation a frame fits, one vector B x 12 (axis-angle): the neck's, the jaw's (B x 3 each)
+    and the eyes' (B x 6)."""
+    return torch.cat([params.neck_pose, params.jaw_pose, params.eye_pose], dim=1)
 
 
 def camera_translation(cam: Tensor) -> Tensor:
@@ -320,8 +325,9 @@ def camera_translation(cam: Tensor) -> Tensor:
 
 
 def temporal_values(params) -> dict[str, Tensor]:
-    """What the temporal terms compare across frames: pose B x 15, exp B x n_exp, trans B x 3."""
-    return {"pose": pose_vector(params), "exp": params.exp, "trans": camera_translation(params.cam)}
+    """What the temporal terms compare across frames: head B x 3, pose B x 12, exp B x n_exp, trans B x 3."""
+    return {"head": head_rotation(params), "pose": pose_vector(params), "exp": params.exp,
+            "trans": camera_translation(params.cam)}
 
 
 def temporal_residual(x: Tensor, history: Tensor | None, order: int) -> Tensor:
@@ -350,6 +356,8 @@ def _temporal(name: str, order: int) -> Term:
 
 
 TERMS.update({
+    "head_velocity": _temporal("head", 1),
+    "head_accel": _temporal("head", 2),
     "pose_velocity": _temporal("pose", 1),
     "pose_accel": _temporal("pose", 2),
     "exp_velocity": _temporal("exp", 1),

@@ -9,8 +9,8 @@
 3. frames:   in order, expression, jaw, neck, eyes, head pose and the camera translation (cam's s, tx,
              ty), warm-started from the previous frame, with the temporal terms against the two frames
              before (the recipe's `frame_*` stages; shape and albedo stay the identity's). With
-             `track.camera = "moving"` (a handheld clip) the pose's temporal terms are left out (the
-             head-to-camera pose follows each frame freely: MOVING_DROPS) and the outputs hold the
+             `track.camera = "moving"` (a handheld clip) the head-to-camera pose's temporal terms are left
+             out (it follows each frame freely: MOVING_DROPS) and the outputs hold the
              head still: its rigid motion is written as a camera moving around it (R, t per frame,
              global_pose 0).
 4. gaps:     frames without a face get parameters interpolated from their neighbours (linear for codes
@@ -55,9 +55,9 @@ ROTATIONS = ("global_pose", "neck_pose", "jaw_pose")  # eye_pose: two rotations 
 PARTIAL = ".partial"
 CAMERA_MODES = ("fixed", "moving")
 # a moving (handheld) camera shakes: the head-to-camera pose is not smooth, so the frame stages leave out
-# the temporal terms of the translation and of the rotations (losses.pose_vector holds the head's rotation
-# with the neck's, jaw's and eyes' in one term, so these lose theirs too); the expression's terms stay
-MOVING_DROPS = ("trans_velocity", "trans_accel", "pose_velocity", "pose_accel")
+# the temporal terms of the translation and of the head's rotation; the neck's, jaw's, eyes' and the
+# expression's terms stay
+MOVING_DROPS = ("trans_velocity", "trans_accel", "head_velocity", "head_accel")
 FORMAT = 2  # bump when the .partial layout changes (old partial folders are then started over)
 
 

@@ -47,9 +47,10 @@ def _params(B=2, n_exp=4, dtype=torch.float64, seed=0):
 
 def _history(params_list):
     """name -> H x B x K from FitParams of earlier frames (most recent first)."""
-    pose = lambda p: torch.cat([p.global_pose + p.neck_pose, p.neck_pose, p.jaw_pose, p.eye_pose], 1)  # noqa: E731
+    pose = lambda p: torch.cat([p.neck_pose, p.jaw_pose, p.eye_pose], 1)  # noqa: E731
     trans = lambda p: torch.stack([p.cam[:, 1], p.cam[:, 2], p.cam[:, 3] / p.cam[:, 0]], 1)  # noqa: E731
-    return {"pose": torch.stack([pose(p) for p in params_list]), "exp": torch.stack([p.exp for p in params_list]),
+    return {"head": torch.stack([p.global_pose + p.neck_pose for p in params_list]),
+            "pose": torch.stack([pose(p) for p in params_list]), "exp": torch.stack([p.exp for p in params_list]),
             "trans": torch.stack([trans(p) for p in params_list])}
 
 
@@ -67,16 +68,21 @@ def test_temporal_terms_values_and_residuals():
     ctx = Context(now, {}, None, 96, {"history": _history([prev1, prev2])})
     d_exp = now.exp - 2 * prev1.exp + prev2.exp
     assert torch.allclose(TERMS["exp_accel"].fn(ctx), (d_exp ** 2).sum(1))
-    # pose velocity covers the head (global + neck), the neck, the jaw and the eyes
+    # the head's velocity covers its rotation relative to the camera (global + neck); the pose's the
+    # neck, the jaw and the eyes
     d_head = now.global_pose + now.neck_pose - prev1.global_pose - prev1.neck_pose
-    d_all = (d_head ** 2).sum(1) + sum(((getattr(now, n) - getattr(prev1, n)) ** 2).sum(1)
-                                       for n in ("neck_pose", "jaw_pose", "eye_pose"))
-    assert torch.allclose(TERMS["pose_velocity"].fn(ctx), d_all)
+    assert torch.allclose(TERMS["head_velocity"].fn(ctx), (d_head ** 2).sum(1))
+    d_rest = sum(((getattr(now, n) - getattr(prev1, n)) ** 2).sum(1) for n in ("neck_pose", "jaw_pose", "eye_pose"))
+    assert torch.allclose(TERMS["pose_velocity"].fn(ctx), d_rest)
+    dd_head = now.global_pose + now.neck_pose - 2 * (prev1.global_pose + prev1.neck_pose) + prev2.global_pose \
+        + prev2.neck_pose
+    assert torch.allclose(TERMS["head_accel"].fn(ctx), (dd_head ** 2).sum(1))
     dist = lambda p: p.cam[:, 3] / p.cam[:, 0]  # noqa: E731  the model origin's distance, metres
     d_depth = dist(now) - dist(prev1)
     d_xy = now.cam[:, 1:3] - prev1.cam[:, 1:3]
     assert torch.allclose(TERMS["trans_velocity"].fn(ctx), d_depth ** 2 + (d_xy ** 2).sum(1))
-    for name in ("pose_velocity", "pose_accel", "exp_velocity", "exp_accel", "trans_velocity", "trans_accel"):
+    for name in ("head_velocity", "head_accel", "pose_velocity", "pose_accel", "exp_velocity", "exp_accel",
+                 "trans_velocity", "trans_accel"):
         term = TERMS[name]
         assert torch.allclose(term.fn(ctx), (term.residual(ctx) ** 2).sum(1))
     first = Context(now, {}, None, 96, {})  # the first frame of a track: nothing to compare with
@@ -509,11 +515,12 @@ def test_camera_option_changes_the_frame_objective(standin_model):
     fixed = track_setups(standin_model, load_recipe("track"), "cpu")
     moving = track_setups(standin_model, load_recipe("track", ["track.camera=moving"]), "cpu")
     assert fixed.options.camera == "fixed" and moving.options.camera == "moving"
-    pose_terms = ("trans_velocity", "trans_accel", "pose_velocity", "pose_accel")
+    pose_terms = ("trans_velocity", "trans_accel", "head_velocity", "head_accel")
     for f, m in zip(fixed.frame.recipe.stages, moving.frame.recipe.stages, strict=True):
         assert {k: w for k, w in f.weights.items() if k not in pose_terms} == m.weights
     assert all(fixed.frame.recipe.stages[0].weights[k] > 0 for k in pose_terms)
-    assert moving.frame.recipe.stages[0].weights["exp_accel"] > 0  # the expression is still smoothed
+    # the expression, neck, jaw and eyes are still smoothed
+    assert all(moving.frame.recipe.stages[0].weights[k] > 0 for k in ("exp_accel", "pose_velocity", "pose_accel"))
     assert fixed.keyframe.recipe.stages == moving.keyframe.recipe.stages  # the identity is fitted alike
     with pytest.raises(RecipeError, match="track.camera.*fixed, moving"):
         track_setups(standin_model, load_recipe("track", ["track.camera=handheld"]), "cpu")
