@@ -78,14 +78,14 @@ class Targets:
     trust: Tensor | None = None  # B: weight of the landmark terms (1 for given points, less for detected)
 
     def at_resolution(self, res: int) -> Targets:
-        """The same targets for a crop of res x res pixels: image and mask area-averaged down (or
-        resampled up), points scaled; focal and principal point are in ndc units and stay."""
+        """The same targets for a smaller crop of res x res pixels (recipes allow a stage no more than
+        the recipe's resolution): image and mask area-averaged down, points scaled; focal and
+        principal point are in ndc units and stay."""
         size = self.image.shape[-1]
         if res == size:
             return self
         f = res / size
-        mode = "area" if res < size else "bilinear"
-        resize = lambda t: torch.nn.functional.interpolate(t, size=(res, res), mode=mode)  # noqa: E731
+        resize = lambda t: torch.nn.functional.interpolate(t, size=(res, res), mode="area")  # noqa: E731
         return replace(self, image=resize(self.image), mask=resize(self.mask), landmarks=self.landmarks * f,
                        dense=None if self.dense is None else self.dense * f)
 
