@@ -22,7 +22,8 @@ Per recipe: mean and per-case face error (mm: mean vertex distance after similar
 over the whole face region, bench.synthetic.whole_face_region; the older, inner region too),
 landmark RMSE against the true points (px), s/image (wall, detection included) and R/image, with
 R = bench.render's 224 px batch-1 forward+backward measured in the same run (before and after),
-and per stage iterations and R/iteration.
+and per stage iterations and R/iteration per image. The recipe rows fit `--batch` images per
+batched optimisation (default 4, as `cli.py fit` does; each image keeps its own parameters).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fitter.fit import fit_images, fit_targets, load_flame, make_setup, prepare_target
+from fitter.fit import FIT_BATCH, fit_images, fit_targets, load_flame, make_setup, prepare_target
 from fitter.recipe import load_recipe
 
 from .synthetic import (face_error_mm, face_region, grid_mask, landmark_oracle, nme_box, nme_iod, ortho_case,
@@ -149,8 +150,9 @@ def evaluate(model, cases: list[Case], recipe, regions: dict, batch_size: int = 
     return [score_case(c, r, regions) for c, r in zip(cases, results, strict=True)], wall, results
 
 
-def summary(rows: list[dict], wall: float, R_ms: float) -> dict:
-    """Means over the fitted cases; timing per image over all cases, also in R."""
+def summary(rows: list[dict], wall: float, R_ms: float, batch: int = 1) -> dict:
+    """Means over the fitted cases; timing per image over all cases, also in R. A stage's R per
+    iteration is per image: fitted `batch` at a time, an iteration's time is shared by the batch."""
     ok = [r for r in rows if "error" not in r]
     mean = lambda k: float(np.mean([r[k] for r in ok if k in r])) if any(k in r for r in ok) else None  # noqa: E731
     out = {"fitted": len(ok), "cases": len(rows)}
@@ -176,7 +178,7 @@ def summary(rows: list[dict], wall: float, R_ms: float) -> dict:
             st["seconds"] += s["seconds"]
             st["n"] += 1
     out["stages"] = [{"name": k, "iterations": v["iterations"] / v["n"],
-                      "R_per_iteration": v["seconds"] * 1000 / R_ms / max(v["iterations"], 1)}
+                      "R_per_iteration": v["seconds"] * 1000 / R_ms / max(v["iterations"], 1) / batch}
                      for k, v in stages.items()]
     return out
 
@@ -242,10 +244,10 @@ def run(args) -> dict:
            "detector": _detector_name(), "overrides": list(args.overrides)}
     R = R_start
 
-    def add(section, recipe, rows, wall, R_here=None, **extra):
+    def add(section, recipe, rows, wall, R_here=None, batch=1, **extra):
         R_here = R if R_here is None else R_here
-        out["results"].append({"section": section, "recipe": recipe, **extra, **summary(rows, wall, R_here),
-                               "R_ms": R_here, "per_case": rows})
+        out["results"].append({"section": section, "recipe": recipe, **extra, "batch": batch,
+                               **summary(rows, wall, R_here, batch), "R_ms": R_here, "per_case": rows})
 
     def between_R(run):
         """run() between two measurements of R, and their mean: the machine's speed drifts over a long
@@ -273,13 +275,14 @@ def run(args) -> dict:
         detector_targets = None
         for recipe in recipes:
             if "pinhole" not in skip:
-                run = partial(evaluate, model, cases, recipe, regions, overrides=args.overrides)
+                run = partial(evaluate, model, cases, recipe, regions, args.batch, overrides=args.overrides)
                 (rows, wall, _), R_here = between_R(run)
-                add("pinhole", recipe, rows, wall, R_here, landmarks="true (given)")
+                add("pinhole", recipe, rows, wall, R_here, args.batch, landmarks="true (given)")
             if "detector" not in skip:
-                run = partial(evaluate, model, cases, recipe, regions, detector=True, overrides=args.overrides)
+                run = partial(evaluate, model, cases, recipe, regions, args.batch, detector=True,
+                              overrides=args.overrides)
                 (rows, wall, results), R_here = between_R(run)
-                add("detector", recipe, rows, wall, R_here, landmarks="detector (auto)")
+                add("detector", recipe, rows, wall, R_here, args.batch, landmarks="detector (auto)")
                 if detector_targets is None:
                     detector_targets = [None if isinstance(r, Exception) else r.landmarks2d_target for r in results]
                 if args.overlays:
@@ -295,8 +298,8 @@ def run(args) -> dict:
         if args.ortho:
             ortho = make_cases(model, args.cases, Path(tmp) / "ortho", seed=args.seed, camera="ortho", wide=args.wide)
             for recipe in recipes:
-                rows, wall, _ = evaluate(model, ortho, recipe, regions, overrides=args.overrides)
-                add("ortho", recipe, rows, wall, landmarks="true (given)")
+                rows, wall, _ = evaluate(model, ortho, recipe, regions, args.batch, overrides=args.overrides)
+                add("ortho", recipe, rows, wall, batch=args.batch, landmarks="true (given)")
         if "throughput" not in skip:
             n = max(int(b) for b in args.batches.split(","))
             many = (cases * ((n + len(cases) - 1) // len(cases)))[:n]
@@ -328,7 +331,8 @@ def run(args) -> dict:
         for rec in recipes:
             for f in args.real:
                 before = measure_R(model)
-                res = evaluate_real(f, rec, model, overlays=args.overlays, overrides=args.overrides, R_ms=before)
+                res = evaluate_real(f, rec, model, overlays=args.overlays, overrides=args.overrides, R_ms=before,
+                                    batch_size=args.batch)
                 res["R_ms_after"] = measure_R(model)
                 out["real"].append(res)
     out["R_ms_end"] = measure_R(model)
@@ -345,7 +349,10 @@ def main(argv=None):
     ap.add_argument("--cases", type=int, default=12, help="test faces over yaw +-30")
     ap.add_argument("--wide", type=int, default=0, help="extra test faces at |yaw| 35..45")
     ap.add_argument("--recipes", default="fast,default")
-    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--batch", type=int, default=FIT_BATCH,
+                    help=f"images per batched optimisation in the recipe rows, as `cli.py fit --batch-size` "
+                         f"(default {FIT_BATCH}, the CLI's)")
+    ap.add_argument("--batches", default="1,4,16", help="batch sizes of the throughput section")
     ap.add_argument("--skip", default="", help=f"comma list of sections to skip: {','.join(SECTIONS)}")
     ap.add_argument("--ortho", action="store_true", help="also fit the old orthographic renders")
     ap.add_argument("--real", type=Path, action="append", default=[], metavar="DIR",
@@ -386,6 +393,8 @@ def show(out: dict) -> None:
             setting = f"{r['photometric']} / {r['images']}"
         elif r["section"] == "oracle":
             setting = f"{r['landmarks']} points"
+        elif r.get("batch", 1) > 1:
+            setting = f"{setting}, batch {r['batch']}"
         t.add_row(r["section"], setting, f"{r['fitted']}/{r['cases']}" if "fitted" in r else "",
                   f(r, "face_error_mm", ".2f"), f(r, "face_error_mm_max", ".2f"), f(r, "face_inner_mm", ".2f"),
                   f(r, "landmark_rmse_px", ".2f"), f(r, "target_rmse_px", ".2f"), f(r, "seconds_per_image", ".2f"),
@@ -398,7 +407,7 @@ def show(out: dict) -> None:
             console.print(f"{r['section']} {r['recipe']} ({r.get('landmarks', '')}) per case mm: " + " ".join(
                 f"{c['face_error_mm']:.2f}" if "face_error_mm" in c else "FAIL" for c in r["per_case"]))
         if r.get("stages"):
-            console.print(f"{r['section']} {r['recipe']} stages (iterations @ R / iteration): " + ", ".join(
+            console.print(f"{r['section']} {r['recipe']} stages (iterations @ R / iteration per image): " + ", ".join(
                 f"{s['name']} {s['iterations']:.0f} @ {s['R_per_iteration']:.2f}" for s in r["stages"]))
     if out.get("real"):
         from .real import show as show_real

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fitter import io
-from fitter.fit import fit_images, load_flame
+from fitter.fit import FIT_BATCH, fit_images, load_flame
 from priors.errors import FlamefitError
 
 from .synthetic import nme_box, nme_iod, yaw_bin
@@ -153,7 +153,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: str = "auto",
-                  overlays: Path | None = None, overrides=(), R_ms: float | None = None) -> dict:
+                  overlays: Path | None = None, overrides=(), R_ms: float | None = None,
+                  batch_size: int = FIT_BATCH) -> dict:
     """Fit a labelled folder with the default detector; returns {folder, protocol, recipe, per_image,
     summary, seconds_per_image (wall, detection included), R_per_image (when R_ms is given)}
     (NME as fractions, not %)."""
@@ -169,7 +170,8 @@ def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: s
     except FlamefitError:  # no MediaPipe embedding for this model: the diagnostic column is left out
         convention = None
     start = time.perf_counter()
-    results = fit_images([p for p, _ in pairs], recipe=recipe, model=flame, detector="auto", overrides=overrides)
+    results = fit_images([p for p, _ in pairs], recipe=recipe, model=flame, detector="auto", overrides=overrides,
+                         batch_size=batch_size)
     wall = time.perf_counter() - start
     rows = []
     for (img, pts), r in zip(pairs, results, strict=True):
@@ -183,7 +185,7 @@ def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: s
             if overlays is not None:
                 write_fit_outputs(Path(overlays) / f"real-{recipe}", r, flame)
         rows.append(row)
-    out = {"folder": str(folder), "protocol": proto, "recipe": recipe, "overrides": list(overrides),
+    out = {"folder": str(folder), "protocol": proto, "recipe": recipe, "overrides": list(overrides), "batch": batch_size,
            "nme": "box sqrt(w*h)" if proto == "aflw" else "inter-ocular (36-45)",
            "seconds_per_image": wall / max(len(pairs), 1), "summary": summarise(rows), "per_image": rows}
     if R_ms:

@@ -28,6 +28,7 @@ from pathlib import Path
 from priors.errors import FlamefitError, UsageError
 
 from . import io
+from .fit import FIT_BATCH
 
 MANIFEST = "manifest.jsonl"
 HASH_KEY = "options_hash"
@@ -49,7 +50,7 @@ class FitOptions:
     detector: str = "auto"
     landmarks: str | None = None
     device: str = "cpu"
-    batch_size: int = 1
+    batch_size: int = FIT_BATCH
     seed: int = 0
     init: str = "zero"
     face_index: int | None = None

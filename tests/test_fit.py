@@ -11,7 +11,7 @@ from fitter.fit import fit_images
 from fitter.outputs import write_fit_outputs
 from fitter.params import load_fit
 from fitter.synth import model_output
-from priors.errors import ImageError, LandmarkError
+from priors.errors import FitError, ImageError, LandmarkError
 
 FAST = ["stages.landmarks.patience=0"]
 
@@ -75,6 +75,30 @@ def test_one_bad_image_does_not_stop_the_batch(standin_model, photo_set, tmp_pat
                           detector="file", batch_size=2, on_target=lambda i, r: seen.append(i))
     assert isinstance(outcomes[0], ImageError) and "broken.png" in str(outcomes[0])
     assert not isinstance(outcomes[1], Exception)
+    assert sorted(seen) == [0, 1]
+
+
+def test_an_image_whose_fit_fails_does_not_take_its_batch_along(standin_model, photo_set, monkeypatch):
+    import fitter.fit as fit_module
+
+    folder, cases = photo_set
+    paths = [c[0] for c in cases]
+    alone = fit_images(paths[:1], recipe="fast", model=standin_model, landmarks=folder, detector="file")[0]
+    real, calls = fit_module.fit_targets, []
+
+    def failing_on_face1(setup, targets, *args, **kwargs):  # face1's fit fails (a non-finite objective, say)
+        calls.append([t.path.stem for t in targets])
+        if any(t.path.stem == "face1" for t in targets):
+            raise FitError("stage 'rigid': the objective is not finite at the start")
+        return real(setup, targets, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "fit_targets", failing_on_face1)
+    seen = []
+    outcomes = fit_images(paths, recipe="fast", model=standin_model, landmarks=folder, detector="file",
+                          batch_size=2, on_target=lambda i, r: seen.append(i))
+    assert calls == [["face0", "face1"], ["face0"], ["face1"]]  # the batch, then each image on its own
+    assert isinstance(outcomes[1], FitError)
+    np.testing.assert_array_equal(outcomes[0].landmarks2d, alone.landmarks2d)  # face0 fitted as if alone
     assert sorted(seen) == [0, 1]
 
 
