@@ -36,10 +36,8 @@ t.append(time.perf_counter())
 from fitter.fit import attach_dense_embedding, fit_targets, load_flame, make_setup, prepare_target, stack_targets
 from fitter.outputs import write_fit_outputs
 from fitter.recipe import load_recipe
-from fitter.optimize import prewarm_jacobians
 t.append(time.perf_counter())
 recipe = load_recipe("default")
-prewarm_jacobians()
 flame = load_flame(None)
 t.append(time.perf_counter())
 target = prepare_target(sys.argv[1], recipe.resolution)

@@ -25,7 +25,7 @@ from .albedo import AlbedoModel, installed_albedo_model
 from .camera import (camera_init_from_landmarks, crop_intrinsics, default_focal_px, opencv_camera,
                      pinhole_from_ortho)
 from .losses import TERMS, Context, landmark_weights
-from .optimize import Progress, StageReport, prewarm_jacobians, run_recipe
+from .optimize import Progress, StageReport, run_recipe
 from .params import FitParams
 from .perceptual import load_perceptual
 from .recipe import Recipe, Stage, load_recipe
@@ -429,8 +429,6 @@ def fit_images(paths, recipe: str | Recipe = "default", model=None, detector: st
     `on_target(i, result_or_error)` is called as soon as an image's outcome is known.
     init: "zero" (neutral head, camera from the landmarks) or "deca" (DECA encoder warm start)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    if any(s.solver == "lm" for s in recipe.stages):
-        prewarm_jacobians()
     flame = load_flame(model, device)
     setup = make_setup(flame, recipe, device)
     initializer = deca_initializer(setup) if init == "deca" else None

@@ -1,5 +1,7 @@
 """The stage loop on objectives with known minima, rollback on non-finite loss, early stop."""
 
+from pathlib import Path
+
 import torch
 
 from fitter.optimize import run_stage
@@ -165,3 +167,21 @@ def test_lm_in_chunks_solves_each_image_against_its_own_data():
     chunked, _ = run_stage(FitParams.initial(3, 3, 2, 5), r, r.stages[0], obj,
                            chunks=[torch.tensor([0]), torch.tensor([1, 2])])
     torch.testing.assert_close(chunked.shape, whole.shape, atol=1e-5, rtol=0)
+
+
+def test_least_squares_stages_import_no_dynamo(standin_path, photo_set):
+    """The issue's lazy start-up: a fit whose stages are least squares (Jacobians by two reverse
+    passes) runs without importing torch._dynamo, which torch's forward mode imports on first use
+    (1.5-2 s of every command)."""
+    import subprocess
+    import sys
+
+    folder, cases = photo_set
+    code = ("import sys; from fitter.fit import fit_images; "
+            f"[r] = fit_images([{str(cases[0][0])!r}], recipe='fast', model={str(standin_path)!r}, "
+            f"landmarks={str(folder)!r}, detector='file'); "
+            "assert r.report['stages'][0]['iterations'] > 0; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip().splitlines()[-1] == "False"
