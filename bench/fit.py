@@ -23,7 +23,7 @@ over the whole face region, bench.synthetic.whole_face_region; the older, inner 
 landmark RMSE against the true points (px), s/image (wall, detection included) and R/image, with
 R = bench.render's 224 px batch-1 forward+backward measured in the same run (before and after),
 and per stage iterations and R/iteration per image. The recipe rows fit `--batch` images per
-batched optimisation (default 4, as `cli.py fit` does; each image keeps its own parameters).
+batched optimisation (default 8, as `cli.py fit` does; each image keeps its own parameters).
 """
 
 from __future__ import annotations
