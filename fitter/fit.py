@@ -415,9 +415,8 @@ def deca_initializer(setup: FitSetup):
 
 
 # images per batched optimisation when the caller does not say: each image keeps its own parameters,
-# and the per-operation overhead that dominates small CPU problems is paid once per batch (2 cores,
-# 16 pinhole renders: default recipe ~165 R per photo alone, ~97 R at 4 or 8; fast ~17 R alone,
-# 10.6 at 4, 8.2 at 8, 8.7 at 16; BENCHMARKS.md)
+# and the per-operation overhead that dominates small CPU problems is paid once per batch (bench.fit
+# --batch 1 against the default 8: BENCHMARKS.md, "Speed, second round")
 FIT_BATCH = 8
 
 
