@@ -1,12 +1,14 @@
 """Where a fit's time goes: `python -m bench.profile [--json] [--image PATH] [--repeats N]`.
 
-Two parts, each figure also in units of R (bench.render's 224 px batch-1 forward + backward,
+Three parts, each figure also in units of R (bench.render's 224 px batch-1 forward + backward,
 measured in the same run, before and after):
 
 - **start-up**, in a fresh Python process (what one `cli.py fit` command pays before its first
   iteration): `import torch`, importing the fitter, loading the model, the first and a second
   MediaPipe detection on the image, preparing the fit (recipe, setup, targets, dense embedding),
   then one whole default fit and writing its outputs (fit.npz, mesh.obj, overlay.png, fit.json);
+- **one least-squares iteration's pieces** (the default recipe's rigid and landmark stages on that
+  image): the Jacobian, and the normal equations with one damped solve;
 - **one photometric iteration** of the default recipe on that image, forward + backward of each
   part on its own: the model (full mesh), normals + SH shading, rasterization + compositing
   (back faces culled, as the fit renders), and the whole objective (all terms, the landmark ones
@@ -129,7 +131,34 @@ def photometric_parts(image: Path, repeats: int) -> dict:
              "rasterize + composite": median_ms(raster, repeats), "Adam update": median_ms(adam.step, repeats)}
     parts["whole objective"] = median_ms(whole, repeats)
     parts["terms and glue"] = parts["whole objective"] - sum(parts[k] for k in list(parts)[:3])
-    return {"resolution": res, "ms": parts}
+    return {"resolution": res, "ms": parts, "least_squares": least_squares_parts(setup, batch, objective, repeats)}
+
+
+def least_squares_parts(setup, batch, objective, repeats: int) -> dict:
+    """One Levenberg-Marquardt iteration's pieces for the default recipe's rigid and landmark stages on
+    the photo (the detector's 68 + 478 points): the Jacobian (two reverse passes), the normal
+    equations and one damped solve, ms."""
+    import torch
+
+    from fitter.fit import initial_params
+    from fitter.optimize import batched_jacobian, flatten_params, lm_step, normal_equations, unflatten_params
+
+    params = initial_params(setup, batch)
+    rows = torch.arange(1)
+    out = {}
+    for stage in setup.recipe.stages:
+        if stage.solver != "lm":
+            continue
+        names = list(stage.params)
+        x = flatten_params(params, names)
+        fn = lambda v, stage=stage, names=names: objective.residuals(unflatten_params(params, names, v), stage, rows)  # noqa: E731
+        r, J = batched_jacobian(fn, x)
+        H, g = normal_equations(J, r)
+        out[stage.name] = {"P": int(x.shape[1]), "M": int(r.shape[1]),
+                           "jacobian": median_ms(lambda fn=fn, x=x: batched_jacobian(fn, x), repeats),
+                           "normal equations + solve": median_ms(
+                               lambda J=J, r=r: lm_step(*normal_equations(J, r), torch.ones(1)), repeats)}
+    return out
 
 
 def main(argv=None) -> None:
@@ -149,7 +178,9 @@ def main(argv=None) -> None:
     R = min(r_start, r_end)
     out = {"R_ms_start": r_start, "R_ms_end": r_end, "R_ms": R, "image": str(args.image),
            "startup_s": start, "startup_R": {k: v * 1000 / R for k, v in start.items()},
-           "photometric": step, "photometric_R": {k: v / R for k, v in step["ms"].items()}}
+           "photometric": step, "photometric_R": {k: v / R for k, v in step["ms"].items()},
+           "least_squares_R": {n: {k: v / R for k, v in p.items() if k not in ("P", "M")}
+                               for n, p in step["least_squares"].items()}}
     if args.json:
         print(json.dumps(out))
         return
@@ -159,6 +190,10 @@ def main(argv=None) -> None:
     print(f"one photometric iteration at {step['resolution']} px:")
     for k, v in step["ms"].items():
         print(f"  {k:24s} {v:7.1f} ms {v / R:6.2f} R")
+    for name, part in step["least_squares"].items():
+        print(f"least squares, stage {name} (P {part['P']} unknowns, M {part['M']} residuals):")
+        for k in ("jacobian", "normal equations + solve"):
+            print(f"  {k:24s} {part[k]:7.1f} ms {part[k] / R:6.2f} R")
 
 
 if __name__ == "__main__":
