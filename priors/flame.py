@@ -84,14 +84,21 @@ def lbs_transforms(coeffs: Tensor, pose: Tensor, v_template: Tensor, dirs: Tenso
     parents J -> v_shaped B x V x 3, pose_feature B x 9(J-1) (the correctives' input), transforms
     A B x J x 4 x 4 (rest-pose points to posed points) and posed joints B x J x 3.
     """
-    B = coeffs.shape[0]
     v_shaped = v_template[None] + blend_shapes(coeffs, dirs)
     joints = vertices2joints(J_regressor, v_shaped)
+    return (v_shaped, *pose_transforms(pose, joints, parents))
+
+
+def pose_transforms(pose: Tensor, joints: Tensor, parents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """pose B x (J*3) axis-angle, rest joints B x J x 3, parents J -> pose_feature B x 9(J-1) (the
+    correctives' input), transforms A B x J x 4 x 4 (rest-pose points to posed points) and posed
+    joints B x J x 3."""
+    B = pose.shape[0]
     rot_mats = batch_rodrigues(pose.reshape(-1, 3)).view(B, -1, 3, 3)
     eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
     pose_feature = (rot_mats[:, 1:] - eye).reshape(B, -1)
     posed_joints, A = batch_rigid_transform(rot_mats, joints, parents)
-    return v_shaped, pose_feature, A, posed_joints
+    return pose_feature, A, posed_joints
 
 
 def skin(v_shaped: Tensor, pose_feature: Tensor, A: Tensor, posedirs: Tensor | None, weights: Tensor) -> Tensor:
@@ -182,10 +189,44 @@ class FlameModel(nn.Module):
             self.register_buffer("dynamic_bary", f32(lm.dynamic_bary))
             self.register_buffer("full_faces", long(lm.full_faces).reshape(-1))
             self.register_buffer("full_bary", f32(lm.full_bary).reshape(-1, 3))
-            self._landmark_tris = np.concatenate([lm.static_faces.ravel(), lm.dynamic_faces.ravel(),
-                                                  lm.full_faces.ravel()])
-            self._init_lean(self._landmark_tris)
+            self._init_landmark_points()
+        # the rest joints are linear in the coefficients: joint blendshapes, exact and tiny
+        V, _, K = self.dirs.shape
+        self.register_buffer("joint_template", self.J_regressor @ self.v_template)
+        self.register_buffer("joint_dirs", (self.J_regressor @ self.dirs.reshape(V, -1)).view(-1, 3, K))
         self.has_dense = False
+
+    def _surface_points(self, faces: Tensor, bary: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Points on the surface (a triangle and barycentric weights each, N and N x 3) as points of
+        their own: template N x 3, blendshapes N x 3 x K, pose correctives P x (N*3) and skinning
+        weights N x J, each their corners' interpolated with the barycentric weights."""
+        corners = self.faces[faces]  # N x 3
+
+        def blend(t: Tensor) -> Tensor:  # V x ... -> N x ...
+            return (t[corners] * bary.view(*bary.shape, *([1] * (t.dim() - 1)))).sum(1)
+
+        P = self.posedirs.shape[0]
+        return (blend(self.v_template), blend(self.dirs),
+                blend(self.posedirs.view(P, -1, 3).transpose(0, 1)).transpose(0, 1).reshape(P, -1),
+                blend(self.weights))
+
+    def _init_landmark_points(self) -> None:
+        """The 68 landmarks are skinned as surface points of their own (see attach_dense), every
+        candidate at once: the 51 static points, the 68 with the fixed contour, and the dynamic
+        contour's rows x 17. A landmark-only (lean) evaluation then skins 136 points and no vertex."""
+        R, C = self.dynamic_faces.shape
+        faces = torch.cat([self.static_faces, self.full_faces, self.dynamic_faces.reshape(-1)])
+        bary = torch.cat([self.static_bary, self.full_bary, self.dynamic_bary.reshape(-1, 3)])
+        template, dirs, posedirs, weights = self._surface_points(faces, bary)
+        self.register_buffer("lmk_template", template)
+        self.register_buffer("lmk_dirs", dirs)
+        self.register_buffer("lmk_posedirs", posedirs.view(posedirs.shape[0], -1, 3).contiguous())  # P x N x 3
+        self.register_buffer("lmk_weights", weights)
+        n_static, n_full = self.static_faces.shape[0], self.full_faces.shape[0]
+        ids = torch.arange(len(faces), device=faces.device)
+        self.register_buffer("lmk_static_ids", ids[:n_static])
+        self.register_buffer("lmk_full_ids", ids[n_static:n_static + n_full])
+        self.register_buffer("lmk_dynamic_ids", ids[n_static + n_full:].view(R, C))
 
     def attach_dense(self, faces: np.ndarray, bary: np.ndarray) -> None:
         """Evaluate a dense landmark embedding (a triangle and barycentric weights per point, N and
@@ -201,40 +242,14 @@ class FlameModel(nn.Module):
         dev = self.faces.device
         f = torch.as_tensor(np.asarray(faces, np.int64), device=dev)
         b = torch.as_tensor(np.asarray(bary, np.float32), device=dev)
-        corners = self.faces[f]  # N x 3
-        P = self.posedirs.shape[0]
-
-        def blend(t: Tensor) -> Tensor:  # V x ... -> N x ...
-            return (t[corners] * b.view(*b.shape, *([1] * (t.dim() - 1)))).sum(1)
-
+        template, dirs, posedirs, weights = self._surface_points(f, b)
         self.register_buffer("dense_faces", f)
         self.register_buffer("dense_bary", b)
-        self.register_buffer("dense_template", blend(self.v_template))
-        self.register_buffer("dense_dirs", blend(self.dirs))
-        self.register_buffer("dense_posedirs", blend(self.posedirs.view(P, -1, 3).transpose(0, 1))
-                             .transpose(0, 1).reshape(P, -1).contiguous())
-        self.register_buffer("dense_weights", blend(self.weights))
+        self.register_buffer("dense_template", template)
+        self.register_buffer("dense_dirs", dirs)
+        self.register_buffer("dense_posedirs", posedirs.contiguous())
+        self.register_buffer("dense_weights", weights)
         self.has_dense = True
-
-    def _init_lean(self, tri_ids: np.ndarray) -> None:
-        """Buffers for evaluating only the vertices that the landmark triangles `tri_ids` and the joints
-        need: landmark-only stages then skip the other (~95%) vertices. Exact, since joints regress
-        from these alone."""
-        faces = self.faces.cpu().numpy()
-        J_regressor = self.J_regressor.cpu().numpy()
-        ids = np.union1d(np.unique(faces[tri_ids]), np.nonzero(np.abs(J_regressor).sum(0))[0])
-        remap = np.full(self.n_verts, -1, np.int64)
-        remap[ids] = np.arange(len(ids))
-        sub_faces = np.zeros_like(faces)
-        sub_faces[tri_ids] = remap[faces[tri_ids]]  # only landmark triangles are ever looked up
-        P = self.posedirs.shape[0]
-        idx = torch.as_tensor(ids, device=self.faces.device)
-        self.register_buffer("lean_template", self.v_template[idx].clone())
-        self.register_buffer("lean_dirs", self.dirs[idx].clone())
-        self.register_buffer("lean_posedirs", self.posedirs.view(P, -1, 3)[:, idx].reshape(P, -1).clone())
-        self.register_buffer("lean_J_regressor", self.J_regressor[:, idx].clone())
-        self.register_buffer("lean_weights", self.weights[idx].clone())
-        self.register_buffer("lean_faces", torch.as_tensor(sub_faces, device=self.faces.device))
 
     @property
     def n_verts(self) -> int:
@@ -254,17 +269,24 @@ class FlameModel(nn.Module):
         R = batch_rodrigues(pose[:, :6].reshape(-1, 3)).view(B, 2, 3, 3)
         return torch.rad2deg(rot_mat_to_yaw(R[:, 0] @ R[:, 1]))
 
-    def landmarks(self, vertices: Tensor, pose: Tensor, faces: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """68 landmarks (dynamic contour) and the 68 with the fixed contour: B x 68 x 3 each."""
-        B = vertices.shape[0]
-        faces = self.faces if faces is None else faces
+    def landmarks(self, coeffs: Tensor, pose: Tensor, pose_feature: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        """68 landmarks (dynamic contour) and the 68 with the fixed contour, B x 68 x 3 each, skinned
+        as surface points (coefficients B x K, full pose B x 15, and pose_transforms' pose_feature and A).
+        One set of points for the whole batch (the static and fixed ones, and the contour rows that
+        some image needs), so the blendshape product is one matmul, not one per image."""
+        B = coeffs.shape[0]
         rows = dynamic_contour_rows(self.head_yaw_deg(pose).detach())
-        dyn_faces, dyn_bary = self.dynamic_faces[rows], self.dynamic_bary[rows]  # B x 17 (x 3)
-        lmk_faces = torch.cat([dyn_faces, self.static_faces.expand(B, -1)], dim=1)
-        bary = torch.cat([dyn_bary, self.static_bary.expand(B, -1, -1)], dim=1)
-        lmk = vertices2landmarks(vertices, faces, lmk_faces, bary)
-        full = vertices2landmarks(vertices, faces, self.full_faces.expand(B, -1), self.full_bary.expand(B, -1, -1))
-        return lmk, full
+        used, which = torch.unique(rows, return_inverse=True)  # U rows, each image's among them
+        n_fixed = self.lmk_static_ids.shape[0] + self.lmk_full_ids.shape[0]
+        ids = torch.cat([self.lmk_static_ids, self.lmk_full_ids, self.lmk_dynamic_ids[used].reshape(-1)])
+        shaped = self.lmk_template[ids][None] + blend_shapes(coeffs, self.lmk_dirs[ids])
+        if self.has_correctives:
+            correctives = pose_feature @ self.lmk_posedirs[:, ids].reshape(pose_feature.shape[1], -1)
+            shaped = shaped + correctives.view(B, -1, 3)
+        points = skin(shaped, pose_feature, A, None, self.lmk_weights[ids])  # B x N x 3
+        n_static = self.lmk_static_ids.shape[0]
+        contour = points[:, n_fixed:].view(B, len(used), -1, 3)[torch.arange(B, device=rows.device), which]
+        return torch.cat([contour, points[:, :n_static]], dim=1), points[:, n_static:n_fixed]
 
     def forward(
         self,
@@ -279,26 +301,28 @@ class FlameModel(nn.Module):
     ) -> FlameOutput:
         """shape B x n_shape, exp B x n_exp, poses B x 3 (eye B x 6), transl B x 3 -> FlameOutput.
 
-        lean: evaluate only the vertices landmarks and joints need (FlameOutput.vertices is then
-        that subset, B x V' x 3); landmarks and joints are identical to the full evaluation.
+        Joints come from joint blendshapes (the regressor applied to template and blendshapes once);
+        landmarks and dense points are skinned as surface points of their own (_surface_points).
+        lean: no vertices (FlameOutput.vertices is B x 0 x 3): the landmark stages need only the
+        joints, landmarks and dense points, which equal the full evaluation's.
         """
         pose = self.full_pose(global_pose, neck_pose, jaw_pose, eye_pose)
         coeffs = torch.cat([shape, exp], dim=1)
-        if lean and self.has_landmarks:
-            buffers = (self.lean_template, self.lean_dirs, self.lean_posedirs, self.lean_J_regressor)
-            weights, faces = self.lean_weights, self.lean_faces
-        else:
-            buffers = (self.v_template, self.dirs, self.posedirs, self.J_regressor)
-            weights, faces = self.weights, self.faces
-        template, dirs, posedirs, J_regressor = buffers
+        joints = self.joint_template[None] + blend_shapes(coeffs, self.joint_dirs)
+        pose_feature, A, joints = pose_transforms(pose, joints, self.parents)
         correctives = self.has_correctives
-        v_shaped, pose_feature, A, joints = lbs_transforms(coeffs, pose, template, dirs, J_regressor, self.parents)
-        verts = skin(v_shaped, pose_feature, A, posedirs if correctives else None, weights)
+        if lean and self.has_landmarks:
+            verts = coeffs.new_zeros(coeffs.shape[0], 0, 3)
+        else:
+            v_shaped = self.v_template[None] + blend_shapes(coeffs, self.dirs)
+            verts = skin(v_shaped, pose_feature, A, self.posedirs if correctives else None, self.weights)
         if transl is not None:
             verts = verts + transl[:, None]
             joints = joints + transl[:, None]
         if self.has_landmarks:
-            lmk, full = self.landmarks(verts, pose, faces)
+            lmk, full = self.landmarks(coeffs, pose, pose_feature, A)
+            if transl is not None:
+                lmk, full = lmk + transl[:, None], full + transl[:, None]
         else:
             lmk = full = verts.new_zeros(verts.shape[0], 68, 3)
         dense = None
