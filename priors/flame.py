@@ -213,7 +213,8 @@ class FlameModel(nn.Module):
     def _init_landmark_points(self) -> None:
         """The 68 landmarks are skinned as surface points of their own (see attach_dense), every
         candidate at once: the 51 static points, the 68 with the fixed contour, and the dynamic
-        contour's rows x 17. A landmark-only (lean) evaluation then skins 136 points and no vertex."""
+        contour's rows x 17. A landmark-only (lean) evaluation then skins the 119 fixed points and 17
+        per contour row in use, and no vertex."""
         R, C = self.dynamic_faces.shape
         faces = torch.cat([self.static_faces, self.full_faces, self.dynamic_faces.reshape(-1)])
         bary = torch.cat([self.static_bary, self.full_bary, self.dynamic_bary.reshape(-1, 3)])
