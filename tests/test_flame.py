@@ -131,6 +131,18 @@ def test_lean_evaluation_matches_full(standin):
     torch.testing.assert_close(lean.joints, full.joints, atol=1e-6, rtol=0)
 
 
+def _strongly_posed(model, seed: int) -> dict:
+    """Two random heads with global, neck and jaw rotations (where corners' skinning weights differ,
+    surface points skinned on their own depart from the posed corners)."""
+    torch.manual_seed(seed)
+    p = zeros(model, B=2)
+    p["shape"], p["exp"] = torch.randn(2, model.n_shape), torch.randn(2, model.n_exp)
+    p["global_pose"] = torch.tensor([[0.1, 0.5, 0.0], [0.0, -0.3, 0.1]])
+    p["neck_pose"] = torch.tensor([[0.3, 0.1, 0.0], [-0.2, 0.0, 0.2]])
+    p["jaw_pose"] = torch.tensor([[0.3, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    return p
+
+
 def _posed_bary(out_vertices, faces, f, b):
     return (out_vertices[:, faces[f]] * b[None, :, :, None]).sum(2)
 
@@ -139,19 +151,14 @@ def test_dense_points_are_skinned_surface_points(synthetic_model_dir):
     """attach_dense skins each point on its own (interpolated template, blendshapes, correctives and
     weights): equal to interpolating the posed corners where they share skinning weights, within
     a small second-order difference elsewhere; the lean and full evaluations agree, and the lean one
-    does not grow with the points."""
+    skins no vertex."""
     model = FlameModel(load_model(synthetic_model_dir))
     assert model.has_correctives  # the synthetic model has pose correctives: they are interpolated too
     rng = np.random.default_rng(3)
     f = rng.integers(0, model.faces.shape[0], 300)
     b = torch.as_tensor(rng.dirichlet(np.ones(3), 300), dtype=torch.float32)
     model.attach_dense(f, b.numpy())
-    torch.manual_seed(2)
-    p = zeros(model, B=2)
-    p["shape"], p["exp"] = torch.randn(2, model.n_shape), torch.randn(2, model.n_exp)
-    p["global_pose"] = torch.tensor([[0.1, 0.5, 0.0], [0.0, -0.3, 0.1]])
-    p["neck_pose"] = torch.tensor([[0.3, 0.1, 0.0], [-0.2, 0.0, 0.2]])
-    p["jaw_pose"] = torch.tensor([[0.3, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    p = _strongly_posed(model, seed=2)
     full, lean = model(**p), model(**p, lean=True)
     torch.testing.assert_close(lean.dense, full.dense, atol=1e-6, rtol=0)
     assert lean.vertices.shape[1] == 0
@@ -172,12 +179,7 @@ def test_landmarks_and_joints_match_the_posed_mesh(synthetic_model_dir):
     triangle's corners share their skinning weights they equal the posed corners interpolated,
     elsewhere they differ at second order only; the joints (joint blendshapes) equal lbs's."""
     model = FlameModel(load_model(synthetic_model_dir))
-    torch.manual_seed(4)
-    p = zeros(model, B=2)
-    p["shape"], p["exp"] = torch.randn(2, model.n_shape), torch.randn(2, model.n_exp)
-    p["global_pose"] = torch.tensor([[0.1, 0.4, 0.0], [0.0, -0.3, 0.1]])
-    p["neck_pose"] = torch.tensor([[0.3, 0.1, 0.0], [-0.2, 0.0, 0.2]])
-    p["jaw_pose"] = torch.tensor([[0.3, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    p = _strongly_posed(model, seed=4)
     out = model(**p)
     exact = _posed_bary(out.vertices, model.faces, model.full_faces, model.full_bary)
     w = model.weights[model.faces[model.full_faces]]  # 68 x 3 x J
