@@ -145,7 +145,8 @@ def fit_options(fn):
                      show_default=True),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--batch-size", type=click.IntRange(1, 256), default=None,
-                     help="Images per batched optimisation (fit: 8, each its own parameters; fit-set: mini-batch, 16)."),
+                     help="Images per batched optimisation (fit: 8, each its own parameters; "
+                          "fit-set: mini-batch, 16)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--init", "init", type=click.Choice(["zero", "deca"]), default="zero", show_default=True),
         click.option("--face-index", type=click.IntRange(0), default=None,

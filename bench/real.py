@@ -156,7 +156,7 @@ def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: s
                   overlays: Path | None = None, overrides=(), R_ms: float | None = None,
                   batch_size: int = FIT_BATCH) -> dict:
     """Fit a labelled folder with the default detector; returns {folder, protocol, recipe, per_image,
-    summary, seconds_per_image (wall, detection included), R_per_image (when R_ms is given)}
+    summary, seconds_per_image (wall, detection included), R_ms and R_per_image (when R_ms is given)}
     (NME as fractions, not %)."""
     from fitter.outputs import write_fit_outputs
 
@@ -185,10 +185,11 @@ def evaluate_real(folder: Path, recipe: str = "default", model=None, protocol: s
             if overlays is not None:
                 write_fit_outputs(Path(overlays) / f"real-{recipe}", r, flame)
         rows.append(row)
-    out = {"folder": str(folder), "protocol": proto, "recipe": recipe, "overrides": list(overrides), "batch": batch_size,
-           "nme": "box sqrt(w*h)" if proto == "aflw" else "inter-ocular (36-45)",
+    out = {"folder": str(folder), "protocol": proto, "recipe": recipe, "overrides": list(overrides),
+           "batch": batch_size, "nme": "box sqrt(w*h)" if proto == "aflw" else "inter-ocular (36-45)",
            "seconds_per_image": wall / max(len(pairs), 1), "summary": summarise(rows), "per_image": rows}
     if R_ms:
+        out["R_ms"] = R_ms
         out["R_per_image"] = out["seconds_per_image"] * 1000 / R_ms
     return out
 
