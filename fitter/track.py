@@ -288,7 +288,7 @@ def moving_camera_extrinsics(model: FlameModel, identity: Identity, values: dict
     zeros = torch.zeros(T, 3)
     with torch.no_grad():
         joints = model(t_(identity.shape)[None].expand(T, -1), t_(values["exp"]), zeros, zeros, zeros,
-                       torch.zeros(T, 6)).joints
+                       torch.zeros(T, 6), lean=True).joints  # the joints alone: no vertex is skinned
     root = joints[:, 0].double().numpy()  # T x 3, the root joint (its rest position: nothing turns it)
     G = Rotation.from_rotvec(values["global_pose"].astype(np.float64)).as_matrix()
     R0, _ = opencv_extrinsics(np.zeros(3))
