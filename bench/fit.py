@@ -1,8 +1,9 @@
 """Fit benchmark: `python -m bench.fit [--json] [--cases 12] [--recipes fast,default] [--skip ...] [--real DIR]`.
 
 Test faces with known parameters (seeded; yaw spread over +-30 degrees, `--wide N` more at
-+-35..45, pitch/roll, expressions, jaw, coloured SH light, skin albedo with painted eyes, brows
-and lips, cluttered backgrounds, blur and sensor noise) are rendered by bench.synthetic's own
++-35..45 and `--profile N` more at +-50..75, near profile, where MediaPipe's points degrade;
+pitch/roll, expressions, jaw, coloured SH light, skin albedo with painted eyes, brows and lips,
+cluttered backgrounds, blur and sensor noise) are rendered by bench.synthetic's own
 pinhole camera and OpenCV rasterizer (not the fit's camera or renderer), the face 0.4-1.2 m
 away and filling 40-60 % of the 512 px frame height. Sections (each can be skipped):
 
@@ -65,20 +66,29 @@ class Case:
     camera: object = None  # the true bench.synthetic.Pinhole (None for ortho renders)
 
 
-def case_yaws(n: int, wide: int = 0, yaw_max: float = 30.0) -> list[float]:
-    """n yaws evenly over +-yaw_max, then `wide` more alternating sign over 35..45 degrees."""
+def case_yaws(n: int, wide: int = 0, yaw_max: float = 30.0, profile: int = 0) -> list[float]:
+    """n yaws evenly over +-yaw_max, then `wide` more alternating sign over 35..45 degrees and
+    `profile` more over 50..75."""
     yaws = [-yaw_max + 2 * yaw_max * k / max(n - 1, 1) for k in range(n)] if n > 1 else [0.0] * n
-    extra = [(35 + 10 * k / max(wide - 1, 1)) * (-1) ** k for k in range(wide)]
-    return yaws + extra
+    spread = lambda m, lo, hi: [(lo + (hi - lo) * k / max(m - 1, 1)) * (-1) ** k for k in range(m)]  # noqa: E731
+    return yaws + spread(wide, 35, 45) + spread(profile, 50, 75)
+
+
+# the test faces' groups in the summaries: the issue's cases, the wide ones, near profile (|yaw| upper bounds)
+CASE_GROUPS = (("yaw30", 30.5), ("wide", 47.5), ("profile", 90.0))
+
+
+def case_group(yaw: float) -> str:
+    return next(name for name, top in CASE_GROUPS if abs(yaw) <= top)
 
 
 def make_cases(model, n: int, folder: Path, seed: int = 0, occlude: bool = False, camera: str = "pinhole",
-               wide: int = 0, region: np.ndarray | None = None) -> list[Case]:
+               wide: int = 0, region: np.ndarray | None = None, profile: int = 0) -> list[Case]:
     """Render the test faces (see the module docstring) into folder: <name>.png + <name>.npy."""
     rng = np.random.default_rng(seed)
     region = whole_face_region(model) if region is None else region
     cases = []
-    for k, yaw in enumerate(case_yaws(n, wide)):
+    for k, yaw in enumerate(case_yaws(n, wide, profile=profile)):
         p = random_params(model, rng, yaw_deg=yaw)
         if camera == "pinhole":
             cam = random_pinhole(model, p, rng, region=region)
@@ -164,11 +174,13 @@ def summary(rows: list[dict], wall: float, R_ms: float, batch: int = 1) -> dict:
             out[k] = v
     if ok:
         out["face_error_mm_max"] = float(max(r["face_error_mm"] for r in ok))
-        wide = [r for r in ok if abs(r.get("yaw", 0.0)) > 30.5]
-        if wide:  # the headline targets are over +-30; the extra wide-yaw cases apart
-            core = [r for r in ok if r not in wide]
-            out["face_error_mm_yaw30"] = float(np.mean([r["face_error_mm"] for r in core])) if core else None
-            out["face_error_mm_wide"] = float(np.mean([r["face_error_mm"] for r in wide]))
+        bins = {name: [r for r in ok if case_group(r.get("yaw", 0.0)) == name] for name, _ in CASE_GROUPS}
+        if bins["wide"] or bins["profile"]:  # the headline targets are over +-30; wider yaws apart
+            for name, rs in bins.items():
+                out[f"face_error_mm_{name}"] = float(np.mean([r["face_error_mm"] for r in rs])) if rs else None
+        if bins["profile"] and "target_nme_box_3d" in bins["profile"][0]:  # fit vs detector near profile
+            for k in ("nme_box_3d", "target_nme_box_3d"):
+                out[f"{k}_profile"] = float(np.mean([r[k] for r in bins["profile"]]))
     out["seconds_per_image"] = wall / len(rows)
     out["R_per_image"] = out["seconds_per_image"] * 1000 / R_ms
     stages = {}
@@ -225,7 +237,7 @@ def _means(rows: list[dict]) -> dict:
     out = {"fitted": len(ok), "cases": len(rows)}
     for k in ("face_error_mm", "face_inner_mm"):
         out[k] = float(np.mean([r[k] for r in ok])) if ok else None
-    core = [r["face_error_mm"] for r in ok if abs(r["yaw"]) <= 30.5]
+    core = [r["face_error_mm"] for r in ok if case_group(r["yaw"]) == "yaw30"]
     out["face_error_mm_yaw30"] = float(np.mean(core)) if core else None
     return out
 
@@ -239,6 +251,7 @@ def run(args) -> dict:
     recipes = [r for r in args.recipes.split(",") if r]
     R_start = measure_R(model)
     out = {"device": "cpu", "threads": torch.get_num_threads(), "cases": args.cases, "wide": args.wide,
+           "profile": args.profile,
            "model": model.tag, "camera": "pinhole (bench.synthetic), 512 px, 0.4-1.2 m, fill 0.4-0.6",
            "face_region_vertices": int(len(regions["whole"])), "face_region": REGION_TEXT,
            "inner_region_vertices": int(len(regions["inner"])), "results": [], "R_ms_start": R_start,
@@ -259,7 +272,7 @@ def run(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cases = make_cases(model, args.cases, Path(tmp) / "pinhole", seed=args.seed, wide=args.wide,
-                           region=regions["whole"])
+                           region=regions["whole"], profile=args.profile)
         out["case_info"] = [{"case": c.name, **c.info} for c in cases]
         if args.keep_renders:
             Path(args.keep_renders).mkdir(parents=True, exist_ok=True)
@@ -356,6 +369,7 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--cases", type=int, default=12, help="test faces over yaw +-30")
     ap.add_argument("--wide", type=int, default=0, help="extra test faces at |yaw| 35..45")
+    ap.add_argument("--profile", type=int, default=0, help="extra test faces at |yaw| 50..75 (near profile)")
     ap.add_argument("--recipes", default="fast,default")
     ap.add_argument("--batch", type=int, default=FIT_BATCH,
                     help=f"images per batched optimisation in the recipe rows, as `cli.py fit --batch-size` "
@@ -389,7 +403,8 @@ def show(out: dict) -> None:
     f = lambda r, k, fmt: format(r[k], fmt) if r.get(k) is not None else ""  # noqa: E731
     t = Table("section", "setting", "fitted", "face mm", "max", "inner mm", "lmk RMSE px", "target RMSE px",
               "s / image", "R / image",
-              title=f"bench.fit: {out['cases']}+{out['wide']} pinhole cases, {out['model'].split()[0]}, "
+              title=f"bench.fit: {out['cases']}+{out['wide']}+{out.get('profile', 0)} pinhole cases, "
+                    f"{out['model'].split()[0]}, "
                     f"{out['threads']} threads, R = {out['R_ms_start']:.1f} ms (end {out['R_ms_end']:.1f})")
     for r in out["results"]:
         setting = r.get("recipe", "")
@@ -414,6 +429,11 @@ def show(out: dict) -> None:
         if r["section"] in ("pinhole", "detector", "ortho", "oracle"):
             console.print(f"{r['section']} {r['recipe']} ({r.get('landmarks', '')}) per case mm: " + " ".join(
                 f"{c['face_error_mm']:.2f}" if "face_error_mm" in c else "FAIL" for c in r["per_case"]))
+        if r.get("face_error_mm_profile") is not None:
+            console.print(f"{r['section']} {r['recipe']} by |yaw| (<=30 / 35-45 / 50-75) mm: " + " / ".join(
+                f(r, f"face_error_mm_{name}", ".2f") or "-" for name, _ in CASE_GROUPS)
+                + (f"; near profile box NME fit {r['nme_box_3d_profile']:.3f}, detector "
+                   f"{r['target_nme_box_3d_profile']:.3f}" if r.get("nme_box_3d_profile") is not None else ""))
         if r.get("stages"):
             console.print(f"{r['section']} {r['recipe']} stages (iterations @ R / iteration per image): " + ", ".join(
                 f"{s['name']} {s['iterations']:.0f} @ {s['R_per_iteration']:.2f}" for s in r["stages"]))

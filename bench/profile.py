@@ -79,7 +79,7 @@ def startup(image: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def photometric_parts(image: Path, repeats: int) -> dict:
+def photometric_parts(image: Path, repeats: int, overrides: list[str] = ()) -> dict:
     import torch
 
     from fitter.camera import project
@@ -92,7 +92,7 @@ def photometric_parts(image: Path, repeats: int) -> dict:
     from fitter.synth import model_output
 
     flame = load_flame(None)
-    recipe = load_recipe("default")
+    recipe = load_recipe("default", overrides)
     setup = make_setup(flame, recipe)
     target = prepare_target(image, recipe.resolution)
     batch = attach_dense_embedding(setup, stack_targets([target], recipe.landmark_weights, "cpu",
@@ -166,6 +166,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--image", type=Path, default=SAMPLE)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="default-recipe override for the iteration pieces (e.g. resolution=128); not the start-up")
     args = ap.parse_args(argv)
     from .fit import measure_R
     from fitter.fit import load_flame
@@ -173,10 +175,10 @@ def main(argv=None) -> None:
     flame = load_flame(None)
     r_start = measure_R(flame)
     start = startup(args.image)
-    step = photometric_parts(args.image, args.repeats)
+    step = photometric_parts(args.image, args.repeats, args.overrides)
     r_end = measure_R(flame)
     R = min(r_start, r_end)
-    out = {"R_ms_start": r_start, "R_ms_end": r_end, "R_ms": R, "image": str(args.image),
+    out = {"R_ms_start": r_start, "R_ms_end": r_end, "R_ms": R, "image": str(args.image), "overrides": args.overrides,
            "startup_s": start, "startup_R": {k: v * 1000 / R for k, v in start.items()},
            "photometric": step, "photometric_R": {k: v / R for k, v in step["ms"].items()},
            "least_squares_R": {n: {k: v / R for k, v in p.items() if k not in ("P", "M")}

@@ -16,7 +16,9 @@ Both NMEs of every landmark set are kept per image; the protocol picks the headl
 the detector misses counts as not fitted (its message is kept). Every NME is also broken down by point
 group (jaw, brows, nose, eyes, mouth), and, when the model has a MediaPipe embedding, the fitted head is
 scored a second time with its 68 points in the detector's convention (DetectorConvention) instead of the
-model's own 68-point embedding.
+model's own 68-point embedding. The jaw is also scored without the spacing of its points along the
+jawline (jaw_outline_nme: the labelled jaw points' distance to the polyline through the predicted ones),
+where landmark definitions differ most.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fitter import io
 from fitter.fit import FIT_BATCH, fit_images, load_flame
 from priors.errors import FlamefitError
 
-from .synthetic import nme_box, nme_iod, yaw_bin
+from .synthetic import box_size, interocular, nme_box, nme_iod, yaw_bin
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BINS = ("0-30", "30-60", "60-90")
@@ -83,6 +85,23 @@ def group_nme(pred: np.ndarray, truth: np.ndarray, protocol: str) -> dict[str, f
     return errors
 
 
+def polyline_distances(points: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """Distance of each of N points (N x 2) to the polyline through `line` (M x 2, M >= 2) -> N."""
+    a, b = line[:-1][None], line[1:][None]  # 1 x (M-1) x 2 segments a -> b
+    ab = b - a
+    t = np.clip(((points[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0.0, 1.0)
+    return np.linalg.norm(points[:, None] - (a + t[..., None] * ab), axis=-1).min(1)
+
+
+def jaw_outline_nme(pred: np.ndarray, truth: np.ndarray, protocol: str) -> float:
+    """How far the labelled jaw points (iBUG 0-16) lie from the predicted jawline, the polyline through
+    the predicted jaw points, in the protocol's normaliser: the outline's error without the spacing of
+    the points along it (where landmark definitions differ most), beside the point-to-point jaw NME."""
+    truth = np.asarray(truth, dtype=np.float64)
+    d = polyline_distances(truth[:17], np.asarray(pred, dtype=np.float64)[:17])
+    return float(d.mean() / (box_size(truth) if protocol == "aflw" else interocular(truth)))
+
+
 class DetectorConvention:
     """The fitted head's 68 points in the MediaPipe detector's convention instead of the model's own
     68-point embedding: fitter.detect.MEDIAPIPE_TO_IBUG68 composed with the model's derived MediaPipe
@@ -127,7 +146,9 @@ def score_image(result, truth: np.ndarray, protocol: str, convention: DetectorCo
            "fit_groups": group_nme(fit, truth, protocol), "detector_groups": group_nme(det, truth, protocol),
            "fit_nme_box": nme_box(fit, truth), "fit_nme_iod": nme_iod(fit, truth),
            "fit2d_nme_box": nme_box(np.asarray(result.landmarks2d), truth),
-           "detector_nme_box": nme_box(det, truth), "detector_nme_iod": nme_iod(det, truth)}
+           "detector_nme_box": nme_box(det, truth), "detector_nme_iod": nme_iod(det, truth),
+           "fit_jaw_outline": jaw_outline_nme(fit, truth, protocol),
+           "detector_jaw_outline": jaw_outline_nme(det, truth, protocol)}
     if convention is not None:
         conv = convention.landmarks(result, protocol)
         out.update(fit_detconv_nme=nme(conv, truth), fit_detconv_groups=group_nme(conv, truth, protocol))
@@ -145,6 +166,8 @@ def summarise(rows: list[dict]) -> dict:
         out["groups"] = {g: {w: float(np.mean([r[f"{w}_groups"][g] for r in ok])) for w in whos} for g in GROUPS}
     if ok and all("fit_detconv_nme" in r for r in ok):
         out["fit_detconv_nme"] = mean("fit_detconv_nme", ok)
+    if ok and all("fit_jaw_outline" in r for r in ok):
+        out["jaw_outline"] = {w: mean(f"{w}_jaw_outline", ok) for w in ("fit", "detector")}
     if any("yaw" in r for r in ok):
         out["by_yaw"] = {b: {"images": len(rs), "fit_nme": mean("fit_nme", rs),
                              "detector_nme": mean("detector_nme", rs)}
@@ -223,6 +246,9 @@ def show(records: list[dict], console=None) -> None:
         for g, v in s.get("groups", {}).items():
             t.add_row(f"{g} points (mean)", "", pct(v["fit"]), pct(v["detector"]), "",
                       *([pct(v["fit_detconv"])] if conv else []))
+        if "jaw_outline" in s:
+            v = s["jaw_outline"]
+            t.add_row("jaw points to the jawline", "", pct(v["fit"]), pct(v["detector"]), "", *([""] if conv else []))
         console.print(t)
 
 

@@ -353,15 +353,24 @@ def ortho_case(model: FlameModel, params: FitParams, rng: np.random.Generator, s
 
 
 # ----------------------------------------------------------------------------- landmark metrics
+def box_size(truth: np.ndarray) -> float:
+    """AFLW2000-3D's normaliser: sqrt(w * h) of the ground truth's bounding box."""
+    return float(np.sqrt(np.ptp(truth[:, 0]) * np.ptp(truth[:, 1])))
+
+
+def interocular(truth: np.ndarray) -> float:
+    """300-W's normaliser: the distance of the outer eye corners (iBUG 36, 45)."""
+    return float(np.linalg.norm(truth[36] - truth[45]))
+
+
 def nme_box(pred: np.ndarray, truth: np.ndarray) -> float:
-    """AFLW2000-3D NME: mean point distance / sqrt(w * h) of the ground truth's bounding box."""
-    w, h = np.ptp(truth[:, 0]), np.ptp(truth[:, 1])
-    return float(np.linalg.norm(pred - truth, axis=1).mean() / np.sqrt(w * h))
+    """AFLW2000-3D NME: mean point distance / box_size of the ground truth."""
+    return float(np.linalg.norm(pred - truth, axis=1).mean() / box_size(truth))
 
 
 def nme_iod(pred: np.ndarray, truth: np.ndarray) -> float:
-    """300-W inter-ocular NME: mean point distance / distance of the outer eye corners (iBUG 36, 45)."""
-    return float(np.linalg.norm(pred - truth, axis=1).mean() / np.linalg.norm(truth[36] - truth[45]))
+    """300-W inter-ocular NME: mean point distance / interocular distance of the ground truth."""
+    return float(np.linalg.norm(pred - truth, axis=1).mean() / interocular(truth))
 
 
 def yaw_bin(yaw_deg: float) -> str:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.fit import case_yaws
-from bench.real import score_image, summarise
+from bench.fit import case_group, case_yaws
+from bench.real import jaw_outline_nme, polyline_distances, score_image, summarise
 from bench.synthetic import (Pinhole, face_error_mm, nme_box, nme_iod, paint_mesh, pinhole_project, random_params,
                              random_pinhole, region_height, whole_face_region, yaw_bin)
 
@@ -103,6 +103,31 @@ def test_face_error_zero_for_similar_copy():
 def test_case_yaws():
     assert case_yaws(3) == [-30.0, 0.0, 30.0]
     assert case_yaws(2, wide=2) == [-30.0, 30.0, 35.0, -45.0]
+    assert case_yaws(1, wide=1, profile=3) == [0.0, 35.0, 50.0, -62.5, 75.0]
+    assert [case_group(y) for y in (-30.0, 30.5, -35.0, 47.5, -50.0, 75.0)] == [
+        "yaw30", "yaw30", "wide", "wide", "profile", "profile"]
+
+
+def test_polyline_distances_hand_computed():
+    line = np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]])  # an L: along x, then up
+    pts = np.array([[5.0, 3.0], [13.0, 5.0], [-4.0, -3.0], [10.0, 0.0], [8.0, 4.0]])
+    # above the first leg; right of the second; beyond the first end (to the corner (0, 0));
+    # on the bend; nearer the second leg (2) than the first (4)
+    np.testing.assert_allclose(polyline_distances(pts, line), [3.0, 3.0, 5.0, 0.0, 2.0])
+
+
+def test_jaw_outline_ignores_spacing_along_the_jawline():
+    truth = _ibug_like()
+    truth[:17] = np.stack([np.linspace(0.0, 32.0, 17), np.zeros(17)], 1)  # a straight jawline
+    truth[30] = [40.0, 10.0]  # the box stays 40 x 10
+    slid = truth.copy()
+    slid[:17, 0] = np.linspace(0.0, 32.0, 17) ** 2 / 32.0  # the same line, the points spaced otherwise
+    assert jaw_outline_nme(slid, truth, "aflw") == pytest.approx(0.0, abs=1e-12)
+    assert nme_box(slid, truth) > 0.01  # while the point-to-point NME sees the spacing
+    lifted = truth.copy()
+    lifted[:17, 1] += 3.0  # the whole jawline 3 px off: 3 / 20 (box) and 3 / 30 (inter-ocular)
+    assert jaw_outline_nme(lifted, truth, "aflw") == pytest.approx(0.15)
+    assert jaw_outline_nme(lifted, truth, "300w") == pytest.approx(0.1)
 
 
 def test_real_scores_fall_back_and_bin():
