@@ -237,8 +237,10 @@ def _means(rows: list[dict]) -> dict:
     out = {"fitted": len(ok), "cases": len(rows)}
     for k in ("face_error_mm", "face_inner_mm"):
         out[k] = float(np.mean([r[k] for r in ok])) if ok else None
-    core = [r["face_error_mm"] for r in ok if case_group(r["yaw"]) == "yaw30"]
-    out["face_error_mm_yaw30"] = float(np.mean(core)) if core else None
+    for name, _ in CASE_GROUPS:
+        errors = [r["face_error_mm"] for r in ok if case_group(r["yaw"]) == name]
+        if errors or name == "yaw30":
+            out[f"face_error_mm_{name}"] = float(np.mean(errors)) if errors else None
     return out
 
 

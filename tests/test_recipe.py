@@ -31,8 +31,8 @@ def test_override_sets_a_field():
     ("perceptual=sometimes", "valid: auto, off, required"),
     ("stages.rigid.params=[\"cam\", \"globl_pose\"]", "did you mean 'global_pose'"),
     ("photometric", "expected KEY=VALUE"),
-    ("stages.photometric.resolution=448", "'stages.photometric.resolution' = 448 must lie in 32..160"),
-    ("stages.photometric.resolution=16", "must lie in 32..160"),
+    ("stages.photometric.resolution=448", "'stages.photometric.resolution' = 448 must lie in 32..128"),
+    ("stages.photometric.resolution=16", "must lie in 32..128"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(RecipeError) as err:
