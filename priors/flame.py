@@ -264,27 +264,21 @@ class FlameModel(nn.Module):
         """B x 3, B x 3, B x 3, B x 6 -> B x 15 in joint order."""
         return torch.cat([global_pose, neck_pose, jaw_pose, eye_pose], dim=1)
 
-    def head_yaw_deg(self, pose: Tensor) -> Tensor:
-        """Yaw of root . neck (degrees, +towards +x) from a full pose B x 15 -> B."""
-        B = pose.shape[0]
-        R = batch_rodrigues(pose[:, :6].reshape(-1, 3)).view(B, 2, 3, 3)
-        return torch.rad2deg(rot_mat_to_yaw(R[:, 0] @ R[:, 1]))
-
-    def landmarks(self, coeffs: Tensor, pose: Tensor, pose_feature: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    def landmarks(self, coeffs: Tensor, pose_feature: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
         """68 landmarks (dynamic contour) and the 68 with the fixed contour, B x 68 x 3 each, skinned
-        as surface points (coefficients B x K, full pose B x 15, and pose_transforms' pose_feature and A).
+        as surface points (coefficients B x K, and pose_transforms' pose_feature and A).
         One set of points for the whole batch (the static and fixed ones, and the contour rows that
-        some image needs), so the blendshape product is one matmul, not one per image."""
+        some image needs), so the blendshape product is one matmul, not one per image. The contour
+        row follows the yaw of root . neck (degrees, +towards +x): the rotation of the neck joint's
+        transform in A."""
         B = coeffs.shape[0]
-        rows = dynamic_contour_rows(self.head_yaw_deg(pose).detach())
+        rows = dynamic_contour_rows(torch.rad2deg(rot_mat_to_yaw(A[:, 1, :3, :3].detach())))
         used, which = torch.unique(rows, return_inverse=True)  # U rows, each image's among them
         n_fixed = self.lmk_static_ids.shape[0] + self.lmk_full_ids.shape[0]
         ids = torch.cat([self.lmk_static_ids, self.lmk_full_ids, self.lmk_dynamic_ids[used].reshape(-1)])
         shaped = self.lmk_template[ids][None] + blend_shapes(coeffs, self.lmk_dirs[ids])
-        if self.has_correctives:
-            correctives = pose_feature @ self.lmk_posedirs[:, ids].reshape(pose_feature.shape[1], -1)
-            shaped = shaped + correctives.view(B, -1, 3)
-        points = skin(shaped, pose_feature, A, None, self.lmk_weights[ids])  # B x N x 3
+        posedirs = self.lmk_posedirs[:, ids].reshape(pose_feature.shape[1], -1) if self.has_correctives else None
+        points = skin(shaped, pose_feature, A, posedirs, self.lmk_weights[ids])  # B x N x 3
         n_static = self.lmk_static_ids.shape[0]
         contour = points[:, n_fixed:].view(B, len(used), -1, 3)[torch.arange(B, device=rows.device), which]
         return torch.cat([contour, points[:, :n_static]], dim=1), points[:, n_static:n_fixed]
@@ -321,7 +315,7 @@ class FlameModel(nn.Module):
             verts = verts + transl[:, None]
             joints = joints + transl[:, None]
         if self.has_landmarks:
-            lmk, full = self.landmarks(coeffs, pose, pose_feature, A)
+            lmk, full = self.landmarks(coeffs, pose_feature, A)
             if transl is not None:
                 lmk, full = lmk + transl[:, None], full + transl[:, None]
         else:
