@@ -1,4 +1,4 @@
-"""Where a fit's time goes: `python -m bench.profile [--json] [--image PATH] [--repeats N]`.
+"""Where a fit's time goes: `python -m bench.profile [--json] [--image PATH] [--repeats N] [--set K=V]`.
 
 Three parts, each figure also in units of R (bench.render's 224 px batch-1 forward + backward,
 measured in the same run, before and after):
