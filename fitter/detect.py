@@ -283,6 +283,14 @@ RETRY_MIN_SIDE = 640  # images smaller than this are also tried upscaled to it
 ZOOM_RES = 512  # faces found by the full-range detector are cropped and zoomed to this size
 ZOOM_MARGIN = 2.2  # crop side over the detector's box side
 RETRY_ANGLES = (90.0, -90.0, 180.0, 30.0, -30.0)  # degrees, counter-clockwise in the image
+# A face is taken only when FaceMesh finds it again in an upright crop around it (see confirmed_face):
+# on turned-away heads and upside-down photos it otherwise returns a face-shaped mesh on the ear, the
+# cheek or the wrong way up. Measured on the astronaut and stand-in renders at 60-90 degrees of yaw:
+# real faces re-detect within 0.007-0.096 of the mesh's extent (a 90-degree-turned photo the most),
+# false ones not at all or at 0.38.
+CONFIRM_RES = 256  # side of the re-detection crop, pixels
+CONFIRM_MARGIN = 1.6  # its side over the found mesh's extent
+CONFIRM_TOL = 0.15  # mean distance of the two meshes over that extent, at most
 MEDIAPIPE_RETRIES = "also tried: contrast-normalised, upscaled, full-range detector zoom, rotated copies"
 
 
@@ -428,6 +436,47 @@ def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     return np.hstack([outer[:, :2] @ inner[:, :2], (outer[:, :2] @ inner[:, 2] + outer[:, 2])[:, None]])
 
 
+def face_roll_deg(mesh: np.ndarray) -> float:
+    """In-image roll of a MediaPipe mesh (N x 2+, pixels): the angle of its chin-to-forehead direction
+    (mesh 152 -> 10) from image-up, clockwise positive (a face lying on its right cheek is +90)."""
+    up = mesh[10, :2] - mesh[152, :2]
+    return float(np.degrees(np.arctan2(up[0], -up[1])))
+
+
+def _upright(mesh: np.ndarray) -> tuple[np.ndarray, float]:
+    """The 2 x 2 rotation that stands a mesh's face upright (face_roll_deg undone) and the face mesh
+    points' extent in that frame (the larger side of their box, pixels)."""
+    a = np.deg2rad(face_roll_deg(mesh))
+    turn = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    return turn, float(np.ptp(mesh[:N_MESH, :2] @ turn.T, axis=0).max())
+
+
+def upright_crop_matrix(mesh: np.ndarray, res: int = CONFIRM_RES, margin: float = CONFIRM_MARGIN) -> np.ndarray:
+    """2 x 3 corner-origin affine from the image to a res x res crop centred on the mesh's face mesh
+    points, margin x their extent wide, turned so that the face stands upright."""
+    turn, extent = _upright(mesh)
+    A = res / (margin * extent) * turn
+    return np.hstack([A, (res / 2 - A @ mesh[:N_MESH, :2].mean(0))[:, None]])
+
+
+def confirmed_face(image: np.ndarray, mesh: np.ndarray) -> bool:
+    """Whether FaceMesh finds the face `mesh` (478 x 3, image pixels) again in an upright crop around
+    it (upright_crop_matrix), within CONFIRM_TOL of the face's extent (mean point distance). A real
+    face, centred and upright, is found again where it was; a mesh laid on something else, or on a
+    face the wrong way round, is not."""
+    pts = mesh[:N_MESH, :2]
+    extent = _upright(mesh)[1]
+    if not np.isfinite(extent) or extent <= 0:
+        return False
+    M = upright_crop_matrix(mesh)
+    again = [warp_points_back(f, M)[:N_MESH, :2] for f in _mediapipe_once(_warp(image, M, (CONFIRM_RES,) * 2))]
+    return any(np.linalg.norm(f - pts, axis=1).mean() <= CONFIRM_TOL * extent for f in again)
+
+
+def _confirmed_once(image: np.ndarray) -> list[np.ndarray]:
+    return [m for m in _mediapipe_once(image) if confirmed_face(image, m)]
+
+
 def mediapipe_meshes(image: np.ndarray, retry: bool = True) -> list[np.ndarray]:
     """MediaPipe's 478 points for every face found: a list of 478 x 3 float64 arrays (x, y in the image's
     corner-origin pixels, z MediaPipe's relative depth in pixels, smaller = nearer).
@@ -436,7 +485,8 @@ def mediapipe_meshes(image: np.ndarray, retry: bool = True) -> list[np.ndarray]:
     none, and `retry`, it tries again (see _attempts: contrast normalisation for grey/dark photos, an
     upscaled copy of small images, the full-range detector's faces cropped and zoomed, rotated copies
     by RETRY_ANGLES) and returns the first attempt's faces, mapped back to the original image. [] if
-    every attempt fails. mediapipe_meshes_how also says which attempt found them."""
+    every attempt fails. Every pass keeps only the faces it finds again upright (confirmed_face).
+    mediapipe_meshes_how also says which attempt found them."""
     return mediapipe_meshes_how(image, retry)[0]
 
 
@@ -444,11 +494,11 @@ def mediapipe_meshes_how(image: np.ndarray, retry: bool = True) -> tuple[list[np
     """(mediapipe_meshes(image, retry), the attempt that found them: "first pass", e.g. "full-range
     detector zoom" or "contrast-normalised, rotated +90 deg"; None when nothing was found), so that
     callers can report a retry instead of changing results silently."""
-    found = _mediapipe_once(image)
+    found = _confirmed_once(image)
     if found or not retry:
         return found, "first pass" if found else None
     for img, M, label in _attempts(image):
-        found = _mediapipe_once(img)
+        found = _confirmed_once(img)
         if found:
             return [warp_points_back(f, M) for f in found], label
     return [], None

@@ -14,6 +14,7 @@ from fitter.detect import (
     dense_point_weights,
     detect_landmarks,
     detect_landmarks_dense,
+    mesh_to_ibug68,
     normalise_contrast,
     rotation_matrix,
     warp_points_back,
@@ -90,6 +91,48 @@ def test_dense_weights_follow_the_surface_facing():
     assert dense_point_weights(pts, floor=0.2).min() >= 0.2
 
 
+def _face_mesh(roll_deg: float, centre=(200.0, 150.0), size: float = 80.0) -> np.ndarray:
+    """A stand-in 478 x 3 mesh: random points in a square, chin (152) below the forehead (10) on the
+    face's axis, the whole turned clockwise by roll_deg about centre."""
+    pts = np.random.default_rng(2).uniform(-size / 2, size / 2, (478, 3))
+    pts[152, :2], pts[10, :2] = (0.0, size / 2), (0.0, -size / 2)  # y down: the chin is below
+    a = np.deg2rad(roll_deg)
+    turn = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])  # clockwise on screen (y down)
+    pts[:, :2] = pts[:, :2] @ turn.T + centre
+    return pts
+
+
+@pytest.mark.parametrize("roll", [0.0, 30.0, 90.0, -90.0, 150.0])
+def test_face_roll_and_the_upright_crop(roll):
+    mesh = _face_mesh(roll)
+    assert D.face_roll_deg(mesh) == pytest.approx(roll)
+    M = D.upright_crop_matrix(mesh, res=256, margin=2.0)
+    up = mesh[:, :2] @ M[:, :2].T + M[:, 2]
+    # in the crop the face stands upright (forehead straight above the chin), centred, half the side wide
+    assert up[10, 0] == pytest.approx(up[152, 0], abs=1e-9) and up[10, 1] < up[152, 1]
+    assert up[:468].mean(0) == pytest.approx([128.0, 128.0])
+    assert np.ptp(up[:468], axis=0).max() == pytest.approx(128.0)
+
+
+@pytest.mark.parametrize("again, expected", [("same", True), ("shifted", False), ("none", False)])
+def test_a_face_is_kept_only_when_found_again_upright(monkeypatch, again, expected):
+    mesh = _face_mesh(60.0)
+    image = np.zeros((300, 400, 3), np.uint8)
+    seen = []
+
+    def once(img):  # the crop's detector: the same mesh in crop pixels, one moved by half its width, none
+        seen.append(img.shape)
+        M = D.upright_crop_matrix(mesh)
+        found = mesh.copy()
+        shift = 0.0 if again == "same" else 0.5 * D.CONFIRM_RES / D.CONFIRM_MARGIN
+        found[:, :2] = mesh[:, :2] @ M[:, :2].T + M[:, 2] + shift
+        return [] if again == "none" else [found]
+
+    monkeypatch.setattr(D, "_mediapipe_once", once)
+    assert D.confirmed_face(image, mesh) is expected
+    assert seen == [(D.CONFIRM_RES, D.CONFIRM_RES, 3)]
+
+
 # ----------------------------------------------------------------------------- real MediaPipe runs
 def _small_grey(astronaut: np.ndarray, angle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The astronaut in grey, downscaled to a sixth of a 1800 x 2400 grey canvas' height and pasted off
@@ -141,6 +184,22 @@ def test_photo_rotated_90_lands_on_the_face(astronaut, k):
     assert rotated.shape[:2] == size
     expected = reference @ M[:, :2].T + M[:, 2]
     assert _nme(detect_landmarks(rotated, "mediapipe"), expected) < 0.2  # measured 0.04 and 0.17 (jaw)
+
+
+@needs_mediapipe
+def test_upside_down_photo_lands_on_the_face(astronaut):
+    """Upside down, FaceMesh's first pass lays a mesh the wrong way round on the face; it is not found
+    again upright, so the retries go on to a turned copy that is."""
+    reference = detect_landmarks(astronaut, "mediapipe")
+    M, size = rotation_matrix(180.0, astronaut.shape[:2])
+    upside_down = D._warp(astronaut, M, size)
+    expected = reference @ M[:, :2].T + M[:, 2]
+    unchecked = D._mediapipe_once(upside_down)
+    assert len(unchecked) == 1 and _nme(mesh_to_ibug68(unchecked[0][:468, :2]), expected) > 0.3  # measured 0.6
+    assert not D.confirmed_face(upside_down, unchecked[0])
+    meshes, how = D.mediapipe_meshes_how(upside_down)
+    assert how != "first pass" and "rotated" in how
+    assert _nme(mesh_to_ibug68(meshes[0][:468, :2]), expected) < 0.2  # measured 0.17 (a 90-degree turn)
 
 
 @needs_mediapipe
