@@ -173,8 +173,11 @@ def _mediapipe():
         with native_stderr_silenced():
             # refine_landmarks: the attention model, 478 points (468 mesh + 10 iris); its 68 points are
             # also closer to human labels (bench.detect: 300-W 0.034 -> 0.031, AFLW box 3.05 -> 2.94 %)
-            _DETECTORS[key] = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=5,
-                                                              refine_landmarks=True)
+            mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=5, refine_landmarks=True)
+            # the graph starts on background threads, which log (TFLite, absl) after the constructor
+            # returns; one pass on a blank image waits for them inside this block
+            mesh.process(np.zeros((64, 64, 3), np.uint8))
+        _DETECTORS[key] = mesh
     return _DETECTORS[key]
 
 
@@ -285,9 +288,9 @@ ZOOM_MARGIN = 2.2  # crop side over the detector's box side
 RETRY_ANGLES = (90.0, -90.0, 180.0, 30.0, -30.0)  # degrees, counter-clockwise in the image
 # A face is taken only when FaceMesh finds it again in an upright crop around it (see confirmed_face):
 # on turned-away heads and upside-down photos it otherwise returns a face-shaped mesh on the ear, the
-# cheek or the wrong way up. Measured on the astronaut and stand-in renders at 60-90 degrees of yaw:
-# real faces re-detect within 0.007-0.096 of the mesh's extent (a 90-degree-turned photo the most),
-# false ones not at all or at 0.38.
+# cheek or the wrong way up. Measured on the bundled photo turned over and stand-in renders at 60-90
+# degrees of yaw (bench.detect --turned): most real faces re-detect within 0.007-0.099 of the face's
+# extent, a few not at all (those are lost); the old code's false faces not at all or at 0.34.
 CONFIRM_RES = 256  # side of the re-detection crop, pixels
 CONFIRM_MARGIN = 1.6  # its side over the found mesh's extent
 CONFIRM_TOL = 0.15  # mean distance of the two meshes over that extent, at most

@@ -187,6 +187,19 @@ def test_photo_rotated_90_lands_on_the_face(astronaut, k):
 
 
 @needs_mediapipe
+def test_starting_mediapipe_prints_nothing():
+    """Its graph starts on background threads that log to file descriptor 2 (TFLite, absl) after the
+    constructor returns; none of it may reach the console, even when the first detection comes later."""
+    import subprocess
+    import sys
+
+    code = "import time; from fitter import detect; detect._mediapipe(); time.sleep(1.0); print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok"
+    assert r.stderr == ""
+
+
+@needs_mediapipe
 def test_upside_down_photo_lands_on_the_face(astronaut):
     """Upside down, FaceMesh's first pass lays a mesh the wrong way round on the face; it is not found
     again upright, so the retries go on to a turned copy that is."""
