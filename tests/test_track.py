@@ -520,7 +520,7 @@ def test_camera_option_changes_the_frame_objective(standin_model):
         assert {k: w for k, w in f.weights.items() if k not in pose_terms} == m.weights
     assert all(fixed.frame.recipe.stages[0].weights[k] > 0 for k in pose_terms)
     # the expression, neck, jaw and eyes are still smoothed
-    assert all(moving.frame.recipe.stages[0].weights[k] > 0 for k in ("exp_accel", "pose_velocity", "pose_accel"))
+    assert all(moving.frame.recipe.stages[0].weights[k] > 0 for k in ("exp_velocity", "pose_velocity", "pose_accel"))
     assert fixed.keyframe.recipe.stages == moving.keyframe.recipe.stages  # the identity is fitted alike
     with pytest.raises(RecipeError, match="track.camera.*fixed, moving"):
         track_setups(standin_model, load_recipe("track", ["track.camera=handheld"]), "cpu")
