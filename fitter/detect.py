@@ -519,8 +519,9 @@ def dense_point_weights(points3d: np.ndarray, neighbours: int = FAR_SIDE_NEIGHBO
     """
     pts = np.asarray(points3d, dtype=np.float64)
     mesh = pts[:N_MESH]
-    d = np.linalg.norm(mesh[:, None] - mesh[None], axis=2)
-    near = np.argsort(d, axis=1)[:, :neighbours + 1]  # itself and its neighbours
+    sq = (mesh**2).sum(1)
+    d = sq[:, None] + sq[None] - 2.0 * mesh @ mesh.T  # squared distances, for ranking only
+    near = np.argpartition(d, neighbours, axis=1)[:, :neighbours + 1]  # itself and its neighbours (any order)
     local = mesh[near] - mesh[near].mean(1, keepdims=True)  # 468 x k x 3
     _, vecs = np.linalg.eigh(np.einsum("nki,nkj->nij", local, local))
     normal = vecs[:, :, 0]  # least-variance axis
@@ -531,8 +532,8 @@ def dense_point_weights(points3d: np.ndarray, neighbours: int = FAR_SIDE_NEIGHBO
     weights = np.empty(len(pts))
     weights[:N_MESH] = facing
     if len(pts) > N_MESH:
-        d2 = np.linalg.norm(pts[N_MESH:, None, :2] - mesh[None, :, :2], axis=2)
-        weights[N_MESH:] = facing[np.argsort(d2, axis=1)[:, :4]].mean(1)
+        d2 = ((pts[N_MESH:, None, :2] - mesh[None, :, :2]) ** 2).sum(2)
+        weights[N_MESH:] = facing[np.argpartition(d2, 3, axis=1)[:, :4]].mean(1)
     return np.clip(weights, floor, 1.0).astype(np.float32)
 
 
