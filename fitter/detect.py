@@ -400,32 +400,33 @@ def _warp(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int]) -> np.nd
 
 
 def _attempts(image: np.ndarray):
-    """The retries after a failed first pass, cheapest and likeliest first: (image, 2 x 3 matrix from the
-    original, label) triples, built lazily. Contrast-normalised, upscaled (small images), the full-range detector's
-    faces cropped and zoomed, then all of these on rotated copies."""
+    """The retries after a failed first pass, cheapest and likeliest first: (views, label) pairs, built
+    lazily, where views is a list of (image, 2 x 3 matrix from the original) searched together.
+    Contrast-normalised, upscaled (small images), the full-range detector's faces cropped and zoomed
+    (one view per face it found, so that every face of a group photo comes back), then all of these
+    on rotated copies."""
     h, w = image.shape[:2]
     eye = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
     def variants(img: np.ndarray, M: np.ndarray, first: bool, turn: str):
         if not first:
-            yield img, M, turn.lstrip(", ")
+            yield [(img, M)], turn.lstrip(", ")
         flat = normalise_contrast(img)
-        yield flat, M, "contrast-normalised" + turn
+        yield [(flat, M)], "contrast-normalised" + turn
         side = max(img.shape[:2])
         if side < RETRY_MIN_SIDE:
             k = RETRY_MIN_SIDE / side
             up = np.array([[k, 0.0, 0.0], [0.0, k, 0.0]])
             size = (round(img.shape[0] * k), round(img.shape[1] * k))
-            yield _warp(flat, up, size), _compose(up, M), "upscaled" + turn
+            yield [(_warp(flat, up, size), _compose(up, M))], "upscaled" + turn
         for source in (img, flat):
             # the tile scan (dozens of detector passes) only on the upright contrast-normalised image:
             # the full-range detector and FaceMesh take small faces turned by 90 degrees too
             boxes = _full_range_boxes(source, tiles=first and source is flat)
-            for box in boxes:
-                crop = np.array([box[0], box[1], box[2] * ZOOM_MARGIN])
-                C = crop_matrix(crop, ZOOM_RES)
-                yield _warp(source, C, (ZOOM_RES, ZOOM_RES)), _compose(C, M), "full-range detector zoom" + turn
             if boxes:
+                crops = [crop_matrix(np.array([b[0], b[1], b[2] * ZOOM_MARGIN]), ZOOM_RES) for b in boxes]
+                yield [(_warp(source, C, (ZOOM_RES, ZOOM_RES)), _compose(C, M)) for C in crops], \
+                    "full-range detector zoom" + turn
                 break
 
     yield from variants(image, eye, first=True, turn="")
@@ -500,11 +501,23 @@ def mediapipe_meshes_how(image: np.ndarray, retry: bool = True) -> tuple[list[np
     found = _confirmed_once(image)
     if found or not retry:
         return found, "first pass" if found else None
-    for img, M, label in _attempts(image):
-        found = _confirmed_once(img)
+    for views, label in _attempts(image):
+        found = distinct_faces([warp_points_back(f, M) for img, M in views for f in _confirmed_once(img)])
         if found:
-            return [warp_points_back(f, M) for f in found], label
+            return found, label
     return [], None
+
+
+def distinct_faces(meshes: list[np.ndarray]) -> list[np.ndarray]:
+    """The meshes without repeats of one face (two zoomed crops that both hold it): a mesh whose face
+    mesh points' centre lies within half the extent of an earlier kept one's is dropped."""
+    kept: list[np.ndarray] = []
+    for m in meshes:
+        centre = m[:N_MESH, :2].mean(0)
+        if all(np.linalg.norm(centre - k[:N_MESH, :2].mean(0)) > 0.5 * np.ptp(k[:N_MESH, :2], axis=0).max()
+               for k in kept):
+            kept.append(m)
+    return kept
 
 
 def dense_point_weights(points3d: np.ndarray, neighbours: int = FAR_SIDE_NEIGHBOURS, floor: float = 0.0) -> np.ndarray:

@@ -133,6 +133,15 @@ def test_a_face_is_kept_only_when_found_again_upright(monkeypatch, again, expect
     assert seen == [(D.CONFIRM_RES, D.CONFIRM_RES, 3)]
 
 
+def test_distinct_faces_drops_a_face_found_twice():
+    a, b = _face_mesh(0.0, centre=(100.0, 100.0)), _face_mesh(0.0, centre=(300.0, 100.0))
+    again = a.copy()
+    again[:, :2] += 15.0  # the same face from another crop: moved by under half its extent (80 px)
+    kept = D.distinct_faces([a, b, again])
+    assert len(kept) == 2 and kept[0] is a and kept[1] is b
+    assert len(D.distinct_faces([a, _face_mesh(0.0, centre=(145.0, 100.0))])) == 2  # 45 px apart: two faces
+
+
 # ----------------------------------------------------------------------------- real MediaPipe runs
 def _small_grey(astronaut: np.ndarray, angle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The astronaut in grey, downscaled to a sixth of a 1800 x 2400 grey canvas' height and pasted off
@@ -164,6 +173,29 @@ def test_small_grey_face_is_found_on_the_face(astronaut):
     assert D.mediapipe_meshes_how(np.full((240, 320, 3), 128, np.uint8)) == ([], None)
     expected = reference @ M[:, :2].T + M[:, 2]
     assert _nme(found, expected) < 0.05  # measured 0.014
+
+
+@needs_mediapipe
+def test_every_small_face_of_a_group_is_found(astronaut):
+    """Two small faces that only the full-range detector finds: both come back, each on its face, and
+    --face-index can pick either."""
+    canvas, M = _small_grey(astronaut)
+    group = canvas.copy()
+    half = group.shape[1] // 2
+    group[:, :half] = canvas[:, ::-1][:, :half]  # the face (right half) mirrored into the left half
+    meshes, how = D.mediapipe_meshes_how(group)
+    assert how == "full-range detector zoom" and len(meshes) == 2
+    reference = detect_landmarks(astronaut, "mediapipe")
+    right = reference @ M[:, :2].T + M[:, 2]
+    left = right.copy()
+    left[:, 0] = group.shape[1] - left[:, 0]
+    found = sorted((mesh_to_ibug68(m[:468, :2]) for m in meshes), key=lambda p: p[:, 0].mean())
+    assert _nme(found[1], right) < 0.05
+    midline = [8, 27, 28, 29, 30, 33, 51, 57, 62, 66]  # points that mirroring leaves in place
+    iod = np.linalg.norm(right[36] - right[45])
+    assert np.linalg.norm(found[0][midline] - left[midline], axis=1).mean() / iod < 0.1
+    both = {tuple(np.round(detect_landmarks(group, "mediapipe", face_index=k)[8])) for k in (0, 1)}
+    assert len(both) == 2
 
 
 @needs_mediapipe
