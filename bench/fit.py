@@ -174,10 +174,9 @@ def summary(rows: list[dict], wall: float, R_ms: float, batch: int = 1) -> dict:
             out[k] = v
     if ok:
         out["face_error_mm_max"] = float(max(r["face_error_mm"] for r in ok))
-        bins = {name: [r for r in ok if case_group(r.get("yaw", 0.0)) == name] for name, _ in CASE_GROUPS}
+        bins = _by_group(ok)
         if bins["wide"] or bins["profile"]:  # the headline targets are over +-30; wider yaws apart
-            for name, rs in bins.items():
-                out[f"face_error_mm_{name}"] = float(np.mean([r["face_error_mm"] for r in rs])) if rs else None
+            out.update(_group_face_errors(bins))
         if bins["profile"] and "target_nme_box_3d" in bins["profile"][0]:  # fit vs detector near profile
             for k in ("nme_box_3d", "target_nme_box_3d"):
                 out[f"{k}_profile"] = float(np.mean([r[k] for r in bins["profile"]]))
@@ -237,11 +236,20 @@ def _means(rows: list[dict]) -> dict:
     out = {"fitted": len(ok), "cases": len(rows)}
     for k in ("face_error_mm", "face_inner_mm"):
         out[k] = float(np.mean([r[k] for r in ok])) if ok else None
-    for name, _ in CASE_GROUPS:
-        errors = [r["face_error_mm"] for r in ok if case_group(r["yaw"]) == name]
-        if errors or name == "yaw30":
-            out[f"face_error_mm_{name}"] = float(np.mean(errors)) if errors else None
+    groups = _group_face_errors(_by_group(ok))
+    out.update({k: v for k, v in groups.items() if v is not None or k == "face_error_mm_yaw30"})
     return out
+
+
+def _by_group(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows by yaw group (CASE_GROUPS order; a row without a yaw counts as frontal)."""
+    return {name: [r for r in rows if case_group(r.get("yaw", 0.0)) == name] for name, _ in CASE_GROUPS}
+
+
+def _group_face_errors(bins: dict[str, list[dict]]) -> dict[str, float | None]:
+    """face_error_mm_<group>: each group's mean face error, None for an empty group."""
+    return {f"face_error_mm_{name}": float(np.mean([r["face_error_mm"] for r in rs])) if rs else None
+            for name, rs in bins.items()}
 
 
 def run(args) -> dict:
