@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fitter import io
-from fitter.detect import detect_landmarks
+from fitter.detect import detect_landmarks, detect_landmarks_dense
 from priors.errors import NoFaceError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -64,7 +64,8 @@ def run(folders: list[Path], detector: str = "mediapipe") -> list[dict]:
 
 
 def fallback_times(repeats: int = 3) -> dict:
-    """Median seconds of detect_landmarks(., "mediapipe") per case, and R in ms (same run)."""
+    """Median seconds of detect_landmarks(., "mediapipe") per case, and of detect_landmarks_dense (the 68 and
+    478 points with their weights, what a fit from the detector runs) on the photo; R in ms (same run)."""
     import cv2
     import torch
 
@@ -77,18 +78,21 @@ def fallback_times(repeats: int = 3) -> dict:
     small = cv2.resize(grey, (300, 300), interpolation=cv2.INTER_AREA)
     canvas = np.full((1800, 2400), 118, np.uint8)
     canvas[900:1200, 1500:1800] = small
-    cases = {"photo (first pass)": photo, "small grey face, 1800x2400": np.repeat(canvas[..., None], 3, 2),
-             "blank 480x640 (no face)": np.full((480, 640, 3), 128, np.uint8)}
+    mp68 = lambda img: detect_landmarks(img, "mediapipe")  # noqa: E731
+    cases = {"photo (first pass)": (mp68, photo),
+             "photo, 68 + 478 points": (detect_landmarks_dense, photo),
+             "small grey face, 1800x2400": (mp68, np.repeat(canvas[..., None], 3, 2)),
+             "blank 480x640 (no face)": (mp68, np.full((480, 640, 3), 128, np.uint8))}
     model = load_model(resolve_model_path(None), require_landmarks=False)
     r_ms = time_case(model.v_template, torch.as_tensor(model.faces), 224, 1, torch.device("cpu"), 10)[0]
     detect_landmarks(photo, "mediapipe")  # load the detectors
     out = {}
-    for name, img in cases.items():
+    for name, (detect, img) in cases.items():
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             try:
-                detect_landmarks(img, "mediapipe")
+                detect(img)
             except NoFaceError:
                 pass
             times.append(time.perf_counter() - t0)
