@@ -10,9 +10,11 @@ measured in the same run, before and after):
 - **one least-squares iteration's pieces** (the default recipe's rigid and landmark stages on that
   image): the Jacobian, and the normal equations with one damped solve;
 - **one photometric iteration** of the default recipe on that image, forward + backward of each
-  part on its own: the model (full mesh), normals + SH shading, rasterization + compositing
-  (back faces culled, as the fit renders), and the whole objective (all terms, the landmark ones
-  included); "terms and glue" is the whole minus the three parts. One Adam update is timed apart.
+  part on its own, on the mesh the stage renders (the part of the recipe's `render_faces`
+  decimation, or of the model's own mesh, that can show inside the face mask): the model,
+  normals + SH shading, rasterization + compositing (back faces culled, as the fit renders), and
+  the whole objective (all terms, the landmark ones included); "terms and glue" is the whole
+  minus the three parts. One Adam update is timed apart.
   The medians of `--repeats` runs after warm-up.
 """
 
@@ -89,7 +91,7 @@ def photometric_parts(image: Path, repeats: int, overrides: list[str] = ()) -> d
     from fitter.recipe import load_recipe
     from fitter.render import render_mesh
     from fitter.shading import sh_shading, vertex_normals
-    from fitter.synth import model_output
+    from fitter.synth import model_output, visible_region
 
     flame = load_flame(None)
     recipe = load_recipe("default", overrides)
@@ -106,32 +108,37 @@ def photometric_parts(image: Path, repeats: int, overrides: list[str] = ()) -> d
     def whole():
         objective(params, stage, rows)[0].sum().backward()
 
+    with torch.no_grad():  # what the stage renders: the part of its mesh that can show in the mask
+        mesh = visible_region(flame, params, res, batch.mask, setup.render_mesh, setup.albedo_model)
+    subset, faces = mesh.subset, mesh.faces
+
     def model():
-        model_output(flame, params).vertices.sum().backward()
+        model_output(flame, params, subset=subset).vertices.sum().backward()
 
     with torch.no_grad():
-        verts = model_output(flame, params).vertices
+        verts = model_output(flame, params, subset=subset).vertices
     v = verts.clone().requires_grad_(True)
 
     def shading():
-        (sh_shading(vertex_normals(v, flame.faces), params.light) * params.albedo).sum().backward()
+        (sh_shading(vertex_normals(v, mesh.normal_faces), params.light) * params.albedo[:, subset.ids]).sum().backward()
 
     screen = project(verts, params.cam, res).detach().requires_grad_(True)
-    colors = torch.rand(1, flame.n_verts, 3, requires_grad=True)
+    colors = torch.rand(1, verts.shape[1], 3, requires_grad=True)
 
     def raster():
-        out = render_mesh(screen, flame.faces, colors, res, res, background=batch.image, cull_back=True)
+        out = render_mesh(screen, faces, colors, res, res, background=batch.image, cull_back=True)
         (out["image"].sum() + out["alpha"].sum()).backward()
 
     leaves = {n: getattr(params, n) for n in stage.params}
     for t in leaves.values():
         t.grad = torch.randn_like(t)
     adam = Adam([{"params": [t], "lr": 1e-3} for t in leaves.values()])
-    parts = {"model (full mesh)": median_ms(model, repeats), "normals + SH shading": median_ms(shading, repeats),
+    parts = {"model": median_ms(model, repeats), "normals + SH shading": median_ms(shading, repeats),
              "rasterize + composite": median_ms(raster, repeats), "Adam update": median_ms(adam.step, repeats)}
     parts["whole objective"] = median_ms(whole, repeats)
     parts["terms and glue"] = parts["whole objective"] - sum(parts[k] for k in list(parts)[:3])
-    return {"resolution": res, "ms": parts, "least_squares": least_squares_parts(setup, batch, objective, repeats)}
+    return {"resolution": res, "mesh_vertices": int(verts.shape[1]), "mesh_faces": int(faces.shape[0]), "ms": parts,
+            "least_squares": least_squares_parts(setup, batch, objective, repeats)}
 
 
 def least_squares_parts(setup, batch, objective, repeats: int) -> dict:
@@ -189,7 +196,8 @@ def main(argv=None) -> None:
     print(f"R = {R:.1f} ms (start {r_start:.1f}, end {r_end:.1f})")
     for k, v in start.items():
         print(f"  {k:24s} {v:7.2f} s  {v * 1000 / R:7.0f} R")
-    print(f"one photometric iteration at {step['resolution']} px:")
+    print(f"one photometric iteration at {step['resolution']} px ({step['mesh_vertices']} vertices, "
+          f"{step['mesh_faces']} triangles):")
     for k, v in step["ms"].items():
         print(f"  {k:24s} {v:7.1f} ms {v / R:6.2f} R")
     for name, part in step["least_squares"].items():

@@ -111,6 +111,15 @@ def pinhole_project(points: Tensor, cam: Tensor, res: int) -> Tensor:
     return torch.stack([(ndc[..., 0] + 1.0) * half, (1.0 - ndc[..., 1]) * half, depth[..., 0]], dim=-1)
 
 
+def towards_camera(points: Tensor, cam: Tensor) -> Tensor:
+    """Unit vectors from model-space points B x N x 3 towards the camera `cam` (B x 3 weak perspective:
+    +z everywhere; B x 6 pinhole: towards its centre, at (-tx, -ty, f / s)) -> B x N x 3."""
+    if not is_pinhole(cam):
+        return torch.zeros_like(points) + torch.tensor([0.0, 0.0, 1.0], dtype=points.dtype, device=points.device)
+    centre = torch.stack([-cam[:, 1], -cam[:, 2], cam[:, 3] / cam[:, 0]], dim=1)[:, None]
+    return torch.nn.functional.normalize(centre - points, dim=-1)
+
+
 def camera_init_from_landmarks(model_lmk: Tensor, target_px: Tensor, res: int, focal: Tensor | None = None,
                                principal: Tensor | None = None) -> Tensor:
     """Closed-form start: weak perspective fitted around the principal point, then the pinhole

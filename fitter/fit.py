@@ -24,12 +24,12 @@ from . import detect, io
 from .albedo import AlbedoModel, installed_albedo_model
 from .camera import (camera_init_from_landmarks, crop_intrinsics, default_focal_px, opencv_camera,
                      pinhole_from_ortho)
-from .losses import TERMS, Context, landmark_weights
+from .losses import TERMS, Context, landmark_weights, mesh_grams
 from .optimize import Progress, StageReport, run_recipe
 from .params import FitParams
 from .perceptual import load_perceptual
 from .recipe import Recipe, Stage, load_recipe
-from .synth import face_mask_polygon, model_output, synthesize
+from .synth import RenderMesh, coarse_render_mesh, face_mask_polygon, model_output, synthesize, visible_region
 
 
 # ----------------------------------------------------------------------------- targets
@@ -204,16 +204,19 @@ class FitSetup:
     extra: dict
     warnings: list[str] = field(default_factory=list)
     albedo_model: AlbedoModel | None = None  # fitter.albedo: per-vertex or a texture space
+    render_mesh: RenderMesh | None = None  # the decimated mesh that stages moving the head render (recipe.render_faces)
 
 
 _MESH_CACHE: dict[str, tuple[Tensor, Tensor]] = {}
+_RENDER_MESH_CACHE: dict[tuple, RenderMesh | None] = {}
 
 
 def make_setup(model: FlameModel, recipe: Recipe, device: str = "cpu") -> FitSetup:
     if model.tag not in _MESH_CACHE:
-        _MESH_CACHE[model.tag] = (mesh_edges(model.faces.cpu()), mirror_index(model.v_template.cpu()))
-    edges, mirror = _MESH_CACHE[model.tag]
-    extra = {"edges": edges.to(device), "mirror": mirror.to(device), "margin": recipe.consistency_margin}
+        _MESH_CACHE[model.tag] = mesh_grams(mesh_edges(model.faces.cpu()), mirror_index(model.v_template.cpu()),
+                                            model.n_verts)
+    smooth, mirror = _MESH_CACHE[model.tag]
+    extra = {"smooth_gram": smooth.to(device), "mirror_gram": mirror.to(device), "margin": recipe.consistency_margin}
     warnings = []
     if recipe.uses("perceptual"):
         module, warning = load_perceptual(recipe.perceptual)
@@ -225,7 +228,14 @@ def make_setup(model: FlameModel, recipe: Recipe, device: str = "cpu") -> FitSet
     albedo_model, warning = installed_albedo_model(model, device)  # texture space if installed and usable
     if warning:
         warnings.append(warning)
-    return FitSetup(model, recipe, device, extra, warnings, albedo_model)
+    mesh = None
+    if recipe.render_faces:
+        key = (model.tag, tuple(model.dirs.shape), str(model.faces.device), recipe.render_faces,
+               getattr(albedo_model, "source", None))
+        if key not in _RENDER_MESH_CACHE:
+            _RENDER_MESH_CACHE[key] = coarse_render_mesh(model, recipe.render_faces, albedo_model)
+        mesh = _RENDER_MESH_CACHE[key]
+    return FitSetup(model, recipe, device, extra, warnings, albedo_model, mesh)
 
 
 def without_term(recipe: Recipe, term: str) -> Recipe:
@@ -238,6 +248,7 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
     """objective(params, stage, rows) -> (per-image total, per-term weighted values) for those rows."""
     base = setup.recipe.resolution
     kept: dict = {}  # (stage, rows) -> (params, geometry) of a stage that fits appearance alone
+    regions: dict = {}  # (stage, rows) -> the part of the mesh a stage moving the head renders
     scaled: dict = {base: targets}  # crop size -> the targets at that size (stages with their own resolution)
 
     def at(stage: Stage) -> tuple[int, Targets]:
@@ -257,17 +268,28 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
             hit = kept[key] = (chunk, pred["fixed"])
         return hit[1]
 
+    def region(stage: Stage, rows: Tensor, chunk: FitParams, tgt: Targets, res: int) -> RenderMesh:
+        """What can show inside these images' masks, chosen at the stage's first step (visible_region)."""
+        key = (stage.name, tuple(rows.tolist()))
+        if key not in regions:
+            regions[key] = visible_region(setup.model, chunk, res, tgt.mask, setup.render_mesh, setup.albedo_model)
+        return regions[key]
+
     def objective(params: FitParams, stage: Stage, rows: Tensor):
         if tie_shape:  # one identity for the whole set (fit-set, shared mode)
             params = _with_shared_shape(params)
         res, stage_targets = at(stage)
         chunk, tgt = params.select(rows), stage_targets.select(rows)
         needs_render = any(TERMS[t].needs_render for t, w in stage.weights.items() if w > 0)
-        fixed = (fixed_geometry(stage, rows, chunk, tgt, res) if needs_render and not GEOMETRY & set(stage.params)
-                 else None)
-        # faces turned away are hidden behind the head: the fit's renders skip them (cull_back)
+        moves = bool(GEOMETRY & set(stage.params))
+        fixed = fixed_geometry(stage, rows, chunk, tgt, res) if needs_render and not moves else None
+        # faces turned away are hidden behind the head: the fit's renders skip them (cull_back); a stage
+        # that moves the head renders the part of its mesh (recipe.render_faces: decimated) that can show in
+        # the masks, one that fits appearance on a fixed head the whole mesh once
+        mesh = region(stage, rows, chunk, tgt, res) if needs_render and moves else None
         pred = synthesize(setup.model, chunk, res, render=needs_render, background=tgt.image if needs_render else None,
-                          lean=True, albedo_model=setup.albedo_model, maps=False, cull_back=True, fixed=fixed)
+                          lean=True, albedo_model=setup.albedo_model, maps=False, cull_back=True, fixed=fixed,
+                          mesh=mesh)
         extra = {**setup.extra, "set_shapes": params.shape, "rows": rows}
         ctx = Context(chunk, pred, tgt, res, extra)
         terms = {name: w * TERMS[name].fn(ctx) for name, w in stage.weights.items() if w > 0}

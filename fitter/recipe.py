@@ -8,6 +8,7 @@ Layout (see recipes/default.toml):
     perceptual = "auto"         # off | auto (skip with a warning if VGG weights are absent) | required
     camera = "pinhole"          # pinhole (default) | ortho (weak perspective, as DECA)
     detector_trust = 0.1        # landmark terms of detected points weigh this much (given points: 1)
+    render_faces = 12000        # stages that move the head render it decimated to ~this many triangles (0: all)
     [lr]                        # Adam learning rate per parameter group
     cam = 0.01 ...
     [stages.NAME]               # stages run in file order
@@ -50,7 +51,7 @@ SHAPE_MODES = ("shared", "consistency")
 TOP_KEYS = {
     "description": str, "resolution": int, "perceptual": str, "lr": dict, "stages": dict,
     "landmark_weights": dict, "shape_mode": str, "consistency_margin": float, "camera": str,
-    "detector_trust": float,
+    "detector_trust": float, "render_faces": int,
     "track": dict,  # options of `track` (keyframes, focal, landmark filter), checked by fitter.track
 }
 CAMERAS = ("pinhole", "ortho")
@@ -87,6 +88,7 @@ class Recipe:
     consistency_margin: float = 0.5
     detector_trust: float = 1.0  # weight of detected landmarks' terms relative to given ones (priors count more)
     camera: str = "pinhole"  # pinhole (focal from EXIF or the default field of view) | ortho (weak perspective)
+    render_faces: int = 0  # > 0: stages that move the geometry render the mesh decimated to about this many triangles
     raw: dict = field(default_factory=dict, repr=False)
 
     def uses(self, term: str) -> bool:
@@ -149,6 +151,9 @@ def parse_recipe(data: dict, name: str, source: str) -> Recipe:
     shape_mode = data.get("shape_mode", "shared")
     if shape_mode not in SHAPE_MODES:
         raise RecipeError(f"{src}: 'shape_mode' = {shape_mode!r}{_suggest(shape_mode, SHAPE_MODES)}")
+    render_faces = data.get("render_faces", 0)
+    if render_faces != 0 and render_faces < 1000:
+        raise RecipeError(f"{src}: 'render_faces' = {render_faces} must be 0 (the model's own mesh) or >= 1000")
     resolution = data.get("resolution", 224)
     if not 32 <= resolution <= 1024:
         raise RecipeError(f"{src}: 'resolution' = {resolution} is outside 32..1024")
@@ -214,7 +219,7 @@ def parse_recipe(data: dict, name: str, source: str) -> Recipe:
                             table.get("patience", 0), table.get("tol", 1e-4), solver, stage_res))
     return Recipe(name, source, data.get("description", ""), resolution, perceptual, lr, stages, lmk_w,
                   shape_mode, data.get("consistency_margin", 0.5), detector_trust=detector_trust, camera=camera,
-                  raw=data)
+                  render_faces=render_faces, raw=data)
 
 
 def _coerce(text: str):

@@ -412,7 +412,7 @@ def _cached_adjacency(faces: Tensor) -> Tensor:
     if hit is not None and torch.equal(hit[0], faces):
         return hit[1]
     adj = _edge_adjacency(faces)
-    if len(_ADJACENCY_CACHE) >= 8:
+    if len(_ADJACENCY_CACHE) >= 32:  # a fit keeps one region mesh per stage and chunk of images
         _ADJACENCY_CACHE.pop(next(iter(_ADJACENCY_CACHE)))
     _ADJACENCY_CACHE[key] = (faces.clone(), adj)
     return adj

@@ -39,7 +39,7 @@ def _incidence(faces: Tensor, n_verts: int) -> Tensor:
     with warnings.catch_warnings():  # torch calls its sparse CSR support beta; this product is plain and tested
         warnings.simplefilter("ignore", UserWarning)
         A = torch.sparse_coo_tensor(idx, ones, (n_verts, nf)).coalesce().to_sparse_csr()
-    if len(_INCIDENCE) >= 8:
+    if len(_INCIDENCE) >= 32:  # a fit keeps one region mesh per stage and chunk of images
         _INCIDENCE.pop(next(iter(_INCIDENCE)))
     _INCIDENCE[key] = (faces.clone(), A)
     return A

@@ -2,27 +2,96 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from priors.errors import UsageError
-from priors.flame import FlameModel
+from priors.flame import FlameModel, VertexSubset
+from priors.mesh import decimate
 
-from .camera import project
+from .camera import project, towards_camera
 from .params import FitParams
 from .render import composite_pixels, interpolate, rasterize, render_mesh
 from .shading import sh_shading, vertex_normals
 
 
-def model_output(model: FlameModel, params: FitParams, lean: bool = False):
+def model_output(model: FlameModel, params: FitParams, lean: bool = False, subset: VertexSubset | None = None):
     return model(params.shape, params.exp, params.global_pose, params.neck_pose, params.jaw_pose,
-                 params.eye_pose, lean=lean)
+                 params.eye_pose, lean=lean, subset=subset)
+
+
+@dataclass(frozen=True)
+class RenderMesh:
+    """Triangles over a subset of the model's vertices, each vertex evaluated exactly, that a fit
+    renders instead of the model's whole mesh: the recipe's decimation (coarse_render_mesh) or the
+    part that can show inside the face mask (visible_region). Landmarks and dense points do not
+    change."""
+
+    subset: VertexSubset  # the vertices the triangles use, and their rows of the model
+    faces: Tensor  # F' x 3, indices into subset.ids
+    albedo_model: object = None  # a texture space's albedo model with its UV corners for these triangles
+    normal_faces: Tensor | None = None  # the triangles the vertex normals sum over, if more than `faces`
+
+
+def coarse_render_mesh(model: FlameModel, n_faces: int, albedo_model=None) -> RenderMesh | None:
+    """The model's mesh decimated to about n_faces triangles (UV seams kept for a texture-space
+    albedo model), or None when the model has no more triangles than that."""
+    faces = model.faces.cpu().numpy()
+    if n_faces >= len(faces):
+        return None
+    texture = getattr(albedo_model, "kind", None) == "texture"
+    coarse, uv = decimate(model.v_template.cpu().numpy(), faces, n_faces,
+                          albedo_model.ft.cpu().numpy() if texture else None)
+    ids, local = np.unique(coarse, return_inverse=True)
+    dev = model.faces.device
+    return RenderMesh(model.vertex_subset(torch.as_tensor(ids, device=dev)),
+                      torch.as_tensor(local.reshape(-1, 3), device=dev),
+                      replace(albedo_model, ft=torch.as_tensor(uv, device=albedo_model.ft.device)) if texture else None)
+
+
+def visible_region(model: FlameModel, params: FitParams, res: int, mask: Tensor, mesh: RenderMesh | None = None,
+                   albedo_model=None, margin: float = 0.06, min_facing: float = -0.3) -> RenderMesh:
+    """The triangles of `mesh` (default: the model's own) that can show inside the masks, as a
+    RenderMesh of their own: those whose screen box meets the box of some image's mask (B x 1 x res x
+    res, > 0; widened by margin x res pixels) while facing that image's camera (cosine above
+    min_facing: a little below zero, for they are culled only while they face away). The fit's loss
+    terms look at mask pixels only, so while the head moves less than the margins in a stage,
+    rendering this region gives the same pixels there for less work."""
+    with torch.no_grad():
+        faces = model.faces if mesh is None else mesh.faces
+        verts = model_output(model, params, subset=None if mesh is None else mesh.subset).vertices
+        tri = project(verts, params.cam, res)[:, faces, :2]  # B x F x 3 x 2
+        lo, hi = tri.amin(2), tri.amax(2)
+        pad = margin * res
+        meets = torch.ones(lo.shape[:2], dtype=torch.bool, device=lo.device)
+        for axis, covered in ((0, (mask[:, 0] > 0).any(1)), (1, (mask[:, 0] > 0).any(2))):  # x: columns, y: rows
+            at = torch.arange(res, device=lo.device, dtype=lo.dtype)
+            first = torch.where(covered, at, torch.full_like(at, float(res))).amin(1)
+            last = torch.where(covered, at + 1, torch.zeros_like(at)).amax(1)
+            meets &= (hi[..., axis] >= (first - pad)[:, None]) & (lo[..., axis] <= (last + pad)[:, None])
+        c = verts[:, faces]  # B x F x 3 x 3
+        normal = torch.nn.functional.normalize(torch.linalg.cross(c[:, :, 1] - c[:, :, 0], c[:, :, 2] - c[:, :, 0]),
+                                               dim=-1)
+        facing = (normal * towards_camera(c.mean(2), params.cam)).sum(-1)
+        keep = torch.nonzero((meets & (facing > min_facing)).any(0)).squeeze(1)
+    # the vertex normals of the region's corners need every triangle around them
+    touched = torch.zeros(int(faces.max()) + 1, dtype=torch.bool, device=faces.device)
+    touched[faces[keep]] = True
+    ring = torch.nonzero(touched[faces].any(1)).squeeze(1)
+    used, local = torch.unique(faces[ring], return_inverse=True)
+    local = local.view(-1, 3)
+    ids = used if mesh is None else mesh.subset.ids[used]
+    texture = mesh.albedo_model if mesh is not None else albedo_model
+    texture = replace(texture, ft=texture.ft[keep]) if getattr(texture, "kind", None) == "texture" else None
+    return RenderMesh(model.vertex_subset(ids), local[torch.searchsorted(ring, keep)], texture, local)
 
 
 def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = True,
                background: Tensor | None = None, lean: bool = False, albedo_model=None, maps: bool = True,
-               cull_back: bool = False, fixed: dict | None = None) -> dict:
+               cull_back: bool = False, fixed: dict | None = None, mesh: RenderMesh | None = None) -> dict:
     """Evaluate a fit at crop resolution `res`.
 
     Returns vertices B x V x 3 (model space), landmarks2d B x 68 x 2 (crop pixels, silhouette
@@ -43,12 +112,15 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     params.albedo B x V x 3 is per-vertex colour (interpolated like the shading);
     params.albedo B x K are coefficients of `albedo_model`, a fitter.albedo.TextureAlbedo
     (required then): see :func:`render_textured`.
+
+    mesh: render this coarser mesh (coarse_render_mesh) instead of the model's own; `vertices`,
+    `screen` and `pix_to_face` are then its.
     """
     if fixed is not None:
         pred, screen, normals = dict(fixed["pred"]), fixed["screen"], fixed["normals"]
         frags, cover = fixed["frags"], fixed["cover"]
     else:
-        out = model_output(model, params, lean=lean and not render)
+        out = model_output(model, params, lean=lean and not render, subset=None if mesh is None else mesh.subset)
         lmk = project(out.landmarks3d, params.cam, res)[..., :2]
         pred = {"vertices": out.vertices, "landmarks2d": lmk, "landmarks3d": out.landmarks3d,
                 "landmarks2d_static": project(out.landmarks3d_full, params.cam, res)[..., :2]}
@@ -57,18 +129,25 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
         if not render:
             return pred
         screen = project(out.vertices, params.cam, res)
-        normals = vertex_normals(out.vertices, model.faces)
+        normals = vertex_normals(out.vertices, model.faces if mesh is None else
+                                 mesh.faces if mesh.normal_faces is None else mesh.normal_faces)
         frags = cover = None
-    faces = model.faces
+    faces, albedo = model.faces, params.albedo
+    if mesh is not None:
+        faces = mesh.faces
+        if albedo.dim() == 2:
+            albedo_model = mesh.albedo_model  # with the UV corners of the coarse triangles
+        else:
+            albedo = albedo[:, mesh.subset.ids]
     shade = sh_shading(normals, params.light)
-    if params.albedo.dim() == 2:  # texture-space coefficients
+    if albedo.dim() == 2:  # texture-space coefficients
         if getattr(albedo_model, "kind", None) != "texture":
             raise UsageError(f"albedo holds {params.albedo.shape[1]} texture-space coefficients but no texture "
                              "space was given; fix: pass the fit's albedo model (fitter.albedo)")
         extra = torch.cat([shade, normals], -1) if maps else shade
-        out_r = render_textured(screen, faces, albedo_model, params.albedo, extra, res, res, cull_back, frags, cover)
+        out_r = render_textured(screen, faces, albedo_model, albedo, extra, res, res, cull_back, frags, cover)
     else:
-        colors = params.albedo * shade
+        colors = albedo * shade
         if maps:  # B x V x 9: colour, shading, normal
             colors = torch.cat([colors, shade, normals], dim=-1)
         out_r = render_mesh(screen, faces, colors, res, res, cull_back=cull_back, frags=frags,

@@ -21,3 +21,59 @@ def mirror_index(verts: Tensor) -> Tensor:
     mirrored = v * np.array([-1.0, 1.0, 1.0])
     _, idx = cKDTree(v).query(mirrored)
     return torch.as_tensor(idx, dtype=torch.long)
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, n_faces: int,
+             uv_faces: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A coarser mesh over some of the same vertices, each left where it is: quadric edge collapses
+    (the fast-simplification package) down to about `n_faces` triangles. Open borders (the mouth,
+    the eyes, the neck's cut) are kept; so are UV seams when `uv_faces` (F x 3, the texture
+    coordinate index at each corner) is given: the mesh is cut along them first.
+
+    vertices V x 3, faces F x 3 -> faces F' x 3 into `vertices`, and with uv_faces the F' x 3 texture
+    coordinate indices of their corners (else None). n_faces >= F returns the mesh as it is."""
+    faces = np.asarray(faces, np.int64)
+    if n_faces >= len(faces):
+        return faces, None if uv_faces is None else np.asarray(uv_faces, np.int64)
+    import fast_simplification
+
+    if uv_faces is None:  # one node per vertex
+        node_v, node_uv, node_faces = np.arange(len(vertices)), None, faces
+    else:  # one node per (vertex, texture coordinate) pair: a seam becomes an open border
+        pairs = np.stack([faces.reshape(-1), np.asarray(uv_faces, np.int64).reshape(-1)], axis=1)
+        nodes, inverse = np.unique(pairs, axis=0, return_inverse=True)
+        node_v, node_uv, node_faces = nodes[:, 0], nodes[:, 1], inverse.reshape(-1, 3)
+    points = np.asarray(vertices, np.float64)[node_v]
+    out, out_faces, collapses = fast_simplification.simplify(points, node_faces, target_count=n_faces,
+                                                             return_collapses=True, preserve_border=True)
+    # each collapse merges its second node into its first: the nodes never merged away survive, and
+    # the output's points are those survivors (moved to quadric optima, which we do not use)
+    _, _, out_of_node = fast_simplification.replay_simplification(points, node_faces, collapses)
+    survivors = np.ones(len(points), bool)
+    survivors[collapses[:, 1]] = False
+    survivors = np.flatnonzero(survivors)
+    node_of_out = np.empty(len(out), np.int64)
+    node_of_out[out_of_node[survivors]] = survivors
+    corners = node_of_out[np.asarray(out_faces, np.int64)]
+    coarse = node_v[corners]
+    # with its corners back where they were, a triangle may face the other way than the surface
+    # it stands for (a fold the collapses made against the moved points): turn it round
+    flipped = _facing(vertices, coarse, _vertex_normals(vertices, faces)[coarse].sum(1)) < 0
+    corners[flipped] = corners[flipped][:, ::-1]
+    return node_v[corners], None if node_uv is None else node_uv[corners]
+
+
+def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted vertex normals (not normalised) V x 3."""
+    p = np.asarray(vertices, np.float64)[faces]
+    n = np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+    out = np.zeros((len(vertices), 3))
+    for k in range(3):
+        np.add.at(out, faces[:, k], n)
+    return out
+
+
+def _facing(vertices: np.ndarray, faces: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Each triangle's normal (its winding's) dotted with a direction F x 3."""
+    p = np.asarray(vertices, np.float64)[faces]
+    return (np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]) * direction).sum(1)

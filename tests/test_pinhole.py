@@ -7,8 +7,8 @@ from PIL import Image
 
 from fitter import io
 from fitter.camera import (camera_init_from_landmarks, crop_intrinsics, default_focal_px, opencv_camera,
-                           ortho_project, pinhole_from_ortho, pinhole_project, project, project_opencv, with_focal,
-                           zoom_camera)
+                           ortho_project, pinhole_from_ortho, pinhole_project, project, project_opencv,
+                           towards_camera, with_focal, zoom_camera)
 from fitter.detect import from_crop
 from fitter.params import FitParams
 from priors.flame import FlameModel
@@ -33,6 +33,20 @@ def test_pinhole_tends_to_weak_perspective_for_a_far_camera():
     torch.testing.assert_close(far, ortho, atol=2e-2, rtol=0)  # 1e4 x farther: perspective well under 0.1 px
     near = pinhole_project(pts, torch.tensor([[s, *t, s * 0.5, 0.0, 0.0]]), 224)[..., :2]
     assert (near - ortho).abs().max() > 5.0  # half a metre away: perspective is visible
+
+
+def test_towards_camera_points_along_the_viewing_ray():
+    """Moving a point towards the camera keeps its pixel and brings it nearer (pinhole); weak
+    perspective looks along +z everywhere."""
+    cam = torch.tensor([[8.0, 0.01, -0.02, 4.0, 0.1, -0.2]])
+    pts = torch.randn(1, 20, 3, generator=torch.Generator().manual_seed(0)) * 0.08
+    d = towards_camera(pts, cam)
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(1, 20))
+    a, b = pinhole_project(pts, cam, 200), pinhole_project(pts + 0.05 * d, cam, 200)
+    torch.testing.assert_close(b[..., :2], a[..., :2], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a[..., 2] - b[..., 2], 0.05 * d[..., 2])  # depth falls by the step along z
+    assert (d[..., 2] > 0.8).all()  # a head half a metre away: every ray runs mostly along +z
+    torch.testing.assert_close(towards_camera(pts, cam[:, :3]), torch.tensor([0.0, 0.0, 1.0]).expand(1, 20, 3))
 
 
 def test_camera_init_recovers_scale_and_translation_around_the_principal_point():
