@@ -202,10 +202,27 @@ def batched_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor,
         xr = x.detach().requires_grad_(True)
         r = fn(xr)
         u = torch.zeros_like(r, requires_grad=True)
-        (g,) = torch.autograd.grad(r, xr, u, create_graph=True)  # B x P, linear in u
+        (g,) = torch.autograd.grad((r * u).sum(), xr, create_graph=True)  # B x P, linear in u
         basis = torch.eye(P, dtype=x.dtype, device=x.device)[:, None, :].expand(P, B, P)
-        (cols,) = torch.autograd.grad(g, u, basis, is_grads_batched=True)  # P x B x M
+        cols = _batched_vjp(g, u, basis)  # P x B x M
     return r.detach(), cols.permute(1, 2, 0)
+
+
+def _batched_vjp(output: Tensor, inp: Tensor, grads: Tensor) -> Tensor:
+    """torch.autograd.grad(output, inp, grads, is_grads_batched=True)[0], run the way torch runs it
+    but without its check of the grads' shapes, whose first use imports sympy: 0.4-0.5 s inside
+    every fit command's first least-squares stage. The shapes here are ours (grads: N x output's);
+    if torch's internals move, the public call is used."""
+    try:
+        from torch._vmap_internals import _vmap
+        from torch.autograd.graph import _engine_run_backward
+    except ImportError:
+        return torch.autograd.grad(output, inp, grads, is_grads_batched=True)[0]
+
+    def vjp(g: tuple) -> tuple:
+        return _engine_run_backward((output,), g, False, False, (inp,), False, accumulate_grad=False)
+
+    return _vmap(vjp, 0, 0, allow_none_pass_through=True)((grads,))[0]
 
 
 def normal_equations(J: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
