@@ -8,7 +8,7 @@ Layout (see recipes/default.toml):
     perceptual = "auto"         # off | auto (skip with a warning if VGG weights are absent) | required
     camera = "pinhole"          # pinhole (default) | ortho (weak perspective, as DECA)
     detector_trust = 0.1        # landmark terms of detected points weigh this much (given points: 1)
-    render_faces = 12000        # stages moving the head render the mesh decimated to ~this many triangles (default 0: not)
+    render_faces = 12000        # stages moving the head render ~this many triangles (default 0: the whole mesh)
     [lr]                        # Adam learning rate per parameter group
     cam = 0.01 ...
     [stages.NAME]               # stages run in file order
