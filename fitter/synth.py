@@ -113,8 +113,8 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
     params.albedo B x K are coefficients of `albedo_model`, a fitter.albedo.TextureAlbedo
     (required then): see :func:`render_textured`.
 
-    mesh: render this coarser mesh (coarse_render_mesh) instead of the model's own; `vertices`,
-    `screen` and `pix_to_face` are then its.
+    mesh: render this RenderMesh (coarse_render_mesh, visible_region) instead of the model's own
+    mesh; `vertices`, `screen` and `pix_to_face` are then its.
     """
     if fixed is not None:
         pred, screen, normals = dict(fixed["pred"]), fixed["screen"], fixed["normals"]
