@@ -458,7 +458,11 @@ def _upright(mesh: np.ndarray) -> tuple[np.ndarray, float]:
 def upright_crop_matrix(mesh: np.ndarray, res: int = CONFIRM_RES, margin: float = CONFIRM_MARGIN) -> np.ndarray:
     """2 x 3 corner-origin affine from the image to a res x res crop centred on the mesh's face mesh
     points, margin x their extent wide, turned so that the face stands upright."""
-    turn, extent = _upright(mesh)
+    return _crop_around(mesh, *_upright(mesh), res, margin)
+
+
+def _crop_around(mesh: np.ndarray, turn: np.ndarray, extent: float, res: int, margin: float) -> np.ndarray:
+    """upright_crop_matrix from the mesh's _upright rotation and extent, already computed."""
     A = res / (margin * extent) * turn
     return np.hstack([A, (res / 2 - A @ mesh[:N_MESH, :2].mean(0))[:, None]])
 
@@ -469,10 +473,10 @@ def confirmed_face(image: np.ndarray, mesh: np.ndarray) -> bool:
     face, centred and upright, is found again where it was; a mesh laid on something else, or on a
     face the wrong way round, is not."""
     pts = mesh[:N_MESH, :2]
-    extent = _upright(mesh)[1]
+    turn, extent = _upright(mesh)
     if not np.isfinite(extent) or extent <= 0:
         return False
-    M = upright_crop_matrix(mesh)
+    M = _crop_around(mesh, turn, extent, CONFIRM_RES, CONFIRM_MARGIN)
     again = [warp_points_back(f, M)[:N_MESH, :2] for f in _mediapipe_once(_warp(image, M, (CONFIRM_RES,) * 2))]
     return any(np.linalg.norm(f - pts, axis=1).mean() <= CONFIRM_TOL * extent for f in again)
 
