@@ -31,9 +31,9 @@ class RenderMesh:
     change."""
 
     subset: VertexSubset  # the vertices the triangles use, and their rows of the model
-    faces: Tensor  # F' x 3, indices into subset.ids
+    faces: Tensor  # F' x 3, indices into subset.ids: the triangles drawn
+    normal_faces: Tensor  # the triangles the vertex normals sum over: `faces`, or more around their edge
     albedo_model: object = None  # a texture space's albedo model with its UV corners for these triangles
-    normal_faces: Tensor | None = None  # the triangles the vertex normals sum over, if more than `faces`
 
 
 def coarse_render_mesh(model: FlameModel, n_faces: int, albedo_model=None) -> RenderMesh | None:
@@ -47,8 +47,8 @@ def coarse_render_mesh(model: FlameModel, n_faces: int, albedo_model=None) -> Re
                           albedo_model.ft.cpu().numpy() if texture else None)
     ids, local = np.unique(coarse, return_inverse=True)
     dev = model.faces.device
-    return RenderMesh(model.vertex_subset(torch.as_tensor(ids, device=dev)),
-                      torch.as_tensor(local.reshape(-1, 3), device=dev),
+    local = torch.as_tensor(local.reshape(-1, 3), device=dev)
+    return RenderMesh(model.vertex_subset(torch.as_tensor(ids, device=dev)), local, local,
                       replace(albedo_model, ft=torch.as_tensor(uv, device=albedo_model.ft.device)) if texture else None)
 
 
@@ -86,7 +86,7 @@ def visible_region(model: FlameModel, params: FitParams, res: int, mask: Tensor,
     ids = used if mesh is None else mesh.subset.ids[used]
     texture = mesh.albedo_model if mesh is not None else albedo_model
     texture = replace(texture, ft=texture.ft[keep]) if getattr(texture, "kind", None) == "texture" else None
-    return RenderMesh(model.vertex_subset(ids), local[torch.searchsorted(ring, keep)], texture, local)
+    return RenderMesh(model.vertex_subset(ids), local[torch.searchsorted(ring, keep)], local, texture)
 
 
 def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = True,
@@ -129,8 +129,7 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
         if not render:
             return pred
         screen = project(out.vertices, params.cam, res)
-        normals = vertex_normals(out.vertices, model.faces if mesh is None else
-                                 mesh.faces if mesh.normal_faces is None else mesh.normal_faces)
+        normals = vertex_normals(out.vertices, model.faces if mesh is None else mesh.normal_faces)
         frags = cover = None
     faces, albedo = model.faces, params.albedo
     if mesh is not None:

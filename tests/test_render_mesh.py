@@ -109,7 +109,7 @@ def test_a_vertex_subset_evaluates_exactly_those_vertices(model):
 
 def test_a_render_mesh_of_every_vertex_renders_as_the_model(model):
     p = posed_params(model)
-    every = RenderMesh(model.vertex_subset(torch.arange(model.n_verts)), model.faces)
+    every = RenderMesh(model.vertex_subset(torch.arange(model.n_verts)), model.faces, model.faces)
     a, b = synthesize(model, p, 64), synthesize(model, p, 64, mesh=every)
     assert (a["alpha"] > 0).sum() > 1000
     torch.testing.assert_close(b["image"], a["image"], atol=1e-6, rtol=0)
