@@ -8,9 +8,11 @@ All coordinates are pixels with the origin at the top-left CORNER of the top-lef
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import os
 import sys
+import types
 from pathlib import Path
 
 import cv2
@@ -131,9 +133,48 @@ def fan_missing() -> str | None:
             "folder, or use --detector mediapipe / --landmarks")
 
 
+# `import mediapipe` also imports its drawing helpers (they import matplotlib.pyplot) and its audio
+# tasks (sounddevice): 0.5 s of a fit command's start, for modules we never use. They are put in
+# sys.modules as stand-ins first; the first attribute anyone asks of one imports the real module.
+_MEDIAPIPE_DEFERRED = ("mediapipe.python.solutions.drawing_utils", "mediapipe.python.solutions.drawing_styles",
+                       "mediapipe.tasks.python.audio")
+
+
+def _deferred_module(name: str) -> types.ModuleType:
+    """A stand-in for module `name` that imports the real one on its first missing attribute."""
+    stand_in = types.ModuleType(name)
+    stand_in.__spec__ = None  # what the import system reads of a module already in sys.modules
+
+    def real_attribute(attr: str):
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+        module = importlib.import_module(name)
+        parent, _, child = name.rpartition(".")
+        if sys.modules.get(parent) is not None:
+            setattr(sys.modules[parent], child, module)
+        return getattr(module, attr)
+
+    stand_in.__getattr__ = real_attribute
+    return stand_in
+
+
+def _import_mediapipe():
+    """`import mediapipe`, with the modules of _MEDIAPIPE_DEFERRED imported only when used."""
+    if "mediapipe" not in sys.modules:
+        for name in _MEDIAPIPE_DEFERRED:
+            sys.modules.setdefault(name, _deferred_module(name))
+    import mediapipe
+
+    for name in _MEDIAPIPE_DEFERRED:  # what `import a.b.c` sets on a.b, had it run
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules and not hasattr(sys.modules[parent], child):
+            setattr(sys.modules[parent], child, sys.modules[name])
+    return mediapipe
+
+
 def mediapipe_missing() -> str | None:
     try:
-        import mediapipe  # noqa: F401
+        _import_mediapipe()
     except ImportError:
         return "mediapipe is not installed; fix: pip install 'flamefit[mediapipe]' (mediapipe 0.10.21, numpy<2)"
     return None
@@ -168,7 +209,7 @@ def _mediapipe():
         if problem:
             raise AssetError(problem)
         os.environ.setdefault("GLOG_minloglevel", "2")
-        import mediapipe as mp
+        mp = _import_mediapipe()
 
         with native_stderr_silenced():
             # refine_landmarks: the attention model, 478 points (468 mesh + 10 iris); its 68 points are
@@ -339,8 +380,7 @@ def _full_range_pass(image: np.ndarray, x0: float, y0: float) -> list[np.ndarray
     """[cx, cy, size, score] of each full-range detection in `image`, offset by (x0, y0)."""
     key = ("mediapipe-full-range", "cpu")
     if key not in _DETECTORS:
-        import mediapipe as mp
-
+        mp = _import_mediapipe()
         with native_stderr_silenced():
             _DETECTORS[key] = mp.solutions.face_detection.FaceDetection(model_selection=1,
                                                                         min_detection_confidence=0.5)

@@ -221,6 +221,36 @@ def test_mediapipe_on_300w_sample_against_human_labels():
     assert jaw < 0.06  # measured 0.048; the turned face's far-side contour follows the cheek
 
 
+@needs_mediapipe
+def test_mediapipe_import_defers_its_drawing_and_audio_modules():
+    """Detecting through flamefit imports neither matplotlib (mediapipe's drawing helpers) nor
+    mediapipe's audio tasks (0.5 s of a command's start), and those modules still work when asked
+    for. In a fresh interpreter: the plain `import mediapipe` imports both (checked first)."""
+    import subprocess
+    import sys
+
+    audio = "'mediapipe.tasks.python.audio.audio_classifier' in sys.modules"
+    plain = f"import sys, mediapipe; print('matplotlib' in sys.modules, {audio})"
+    ours = ("import sys, numpy as np; from fitter.detect import detect_landmarks, NoFaceError\n"
+            "try: detect_landmarks(np.zeros((64, 64, 3), np.uint8), 'mediapipe')\n"
+            "except NoFaceError: pass\n"
+            f"print('matplotlib' in sys.modules, {audio})\n"
+            "import mediapipe as mp\n"
+            "spec = mp.solutions.drawing_utils.DrawingSpec(color=(1, 2, 3))\n"
+            "from mediapipe.python.solutions.drawing_styles import get_default_face_mesh_contours_style\n"
+            "from mediapipe.tasks.python import audio\n"
+            "print(spec.color, callable(get_default_face_mesh_contours_style), hasattr(audio, 'AudioClassifier'),"
+            " 'matplotlib.pyplot' in sys.modules)")
+    run = lambda code: subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,  # noqa: E731
+                                      text=True, timeout=180)
+    before = run(plain)
+    assert before.returncode == 0, before.stderr
+    assert before.stdout.split() == ["True", "True"]  # what the deferral saves
+    after = run(ours)
+    assert after.returncode == 0, after.stderr
+    assert after.stdout.splitlines() == ["False False", "(1, 2, 3) True True True"]
+
+
 # iBUG 68 index of each point's mirror image (left <-> right)
 IBUG_MIRROR = [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
                27, 28, 29, 30, 35, 34, 33, 32, 31, 45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40, 54, 53, 52,
