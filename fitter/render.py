@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -402,20 +403,21 @@ def _edge_adjacency(faces: Tensor) -> Tensor:
     return torch.cat([nbr.view(-1, 3), off.view(-1, 3)], dim=1)
 
 
-_ADJACENCY_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+_TOPOLOGY_CACHE: dict[tuple, tuple[Tensor, np.ndarray]] = {}
 
 
-def _cached_adjacency(faces: Tensor) -> Tensor:
-    """:func:`_edge_adjacency`, cached per faces tensor (checked by content on every hit)."""
+def _cached_topology(faces: Tensor) -> np.ndarray:
+    """faces F x 3 beside their :func:`_edge_adjacency` -> F x 9 int64 numpy (corners, neighbours,
+    their far corners), cached per faces tensor (checked by content on every hit)."""
     key = (faces.device, tuple(faces.shape), faces.data_ptr())
-    hit = _ADJACENCY_CACHE.get(key)
+    hit = _TOPOLOGY_CACHE.get(key)
     if hit is not None and torch.equal(hit[0], faces):
         return hit[1]
-    adj = _edge_adjacency(faces)
-    if len(_ADJACENCY_CACHE) >= 32:  # a fit keeps one region mesh per stage and chunk of images
-        _ADJACENCY_CACHE.pop(next(iter(_ADJACENCY_CACHE)))
-    _ADJACENCY_CACHE[key] = (faces.clone(), adj)
-    return adj
+    topo = torch.cat([faces, _edge_adjacency(faces)], dim=1).cpu().numpy()
+    if len(_TOPOLOGY_CACHE) >= 32:  # a fit keeps one region mesh per stage and chunk of images
+        _TOPOLOGY_CACHE.pop(next(iter(_TOPOLOGY_CACHE)))
+    _TOPOLOGY_CACHE[key] = (faces.clone(), topo)
+    return topo
 
 
 _CONTOUR_STEPS = 8
@@ -433,42 +435,46 @@ def _find_contour_edges(
 
     verts: B x V x 3, faces: F x 3, face, batch: M (hit face, batch item), pc, pe: M x 2.
     Returns face M and local edge index M (edge opposite that corner).
+
+    The walk runs in numpy on the CPU: a few hundred pairs per image, stepped up to eight times,
+    where each torch call costs more than its arithmetic (a tenth of a photometric iteration).
     """
-    topo = torch.cat([faces, _cached_adjacency(faces)], dim=1)  # F x 9
+    topo = _cached_topology(faces)  # F x 9: corners, neighbours, their far corners
     nv = verts.shape[1]
-    flat = verts[..., :2].reshape(-1, 2)
-    ends = torch.stack([pc, pe], dim=1)  # M x 2 x 2
-    offset = batch * nv
-    face = face.clone()
-    edge = torch.zeros_like(face)
-    active = torch.arange(face.numel(), device=face.device)
+    flat = verts[..., :2].reshape(-1, 2).cpu().numpy()
+    ends = torch.stack([pc, pe], dim=1).cpu().numpy()  # M x 2 x 2
+    offset = (batch * nv).cpu().numpy()
+    face_np = face.cpu().numpy().copy()
+    edge = np.zeros_like(face_np)
+    active = np.arange(face_np.size)
     for step in range(_CONTOUR_STEPS):
-        t = topo.index_select(0, face.index_select(0, active))  # M x 9
-        ids = torch.cat([t[:, :3], t[:, 6:]], dim=1) + offset.index_select(0, active)[:, None]
-        pts = flat.index_select(0, ids.reshape(-1)).view(-1, 6, 2)
-        start = pts[:, :3].roll(-1, dims=1)  # edge k from corner k+1 to k+2
-        d = pts[:, :3].roll(-2, dims=1) - start
-        r = ends.index_select(0, active)[:, :, None, :] - start[:, None]  # M x 2 x 3 x 2
+        t = topo[face_np[active]]  # M x 9
+        ids = t[:, [0, 1, 2, 6, 7, 8]] + offset[active, None]
+        pts = flat[ids]  # M x 6 x 2
+        start = pts[:, [1, 2, 0]]  # edge k from corner k+1 to k+2
+        d = pts[:, [2, 0, 1]] - start
+        r = ends[active][:, :, None, :] - start[:, None]  # M x 2 x 3 x 2
         u = d[:, None, :, 0] * r[..., 1] - d[:, None, :, 1] * r[..., 0]  # M x 2 x 3
-        sign = torch.sign(u[:, 0].sum(dim=1, keepdim=True))
+        sign = np.sign(u[:, 0].sum(axis=1, keepdims=True))
         u_c, u_e = u[:, 0] * sign, u[:, 1] * sign
-        tau = (u_c / (u_c - u_e).clamp(min=1e-30)).masked_fill_(u_e >= u_c, float("inf"))
-        tau_min, k = tau.min(dim=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tau = u_c / np.maximum(u_c - u_e, np.float32(1e-30))
+        tau[u_e >= u_c] = np.inf
+        k = tau.argmin(axis=1)
+        rows = np.arange(k.size)
         edge[active] = k
         if step == _CONTOUR_STEPS - 1:
             break
         # continue into the neighbour when it lies beyond the edge (no fold, no border)
-        r_off = pts[:, 3:] - start
-        u_off = (d[..., 0] * r_off[..., 1] - d[..., 1] * r_off[..., 0]) * sign
-        kk = k[:, None]
-        nxt = t[:, 3:6].gather(1, kk).squeeze(1)
-        go_on = (nxt >= 0) & (u_off.gather(1, kk).squeeze(1) < 0) & (tau_min < 1)
-        idx = torch.nonzero(go_on).squeeze(1)
-        active = active.index_select(0, idx)
-        if active.numel() == 0:
+        r_off = pts[rows, 3 + k] - start[rows, k]
+        u_off = (d[rows, k, 0] * r_off[:, 1] - d[rows, k, 1] * r_off[:, 0]) * sign[:, 0]
+        nxt = t[rows, 3 + k]
+        go_on = (nxt >= 0) & (u_off < 0) & (tau[rows, k] < 1)
+        active = active[go_on]
+        if active.size == 0:
             break
-        face[active] = nxt.index_select(0, idx)
-    return face, edge
+        face_np[active] = nxt[go_on]
+    return torch.from_numpy(face_np).to(face.device), torch.from_numpy(edge).to(face.device)
 
 
 def _contour_distances(

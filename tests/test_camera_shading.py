@@ -8,7 +8,7 @@ from fitter.camera import (
     ortho_unproject_xy,
     perspective_project,
 )
-from fitter.shading import SH_CONSTANTS, ambient_light, sh_shading, vertex_normals
+from fitter.shading import SH_CONSTANTS, ambient_light, cross, sh_shading, vertex_normals
 
 
 def test_ortho_project_hand_case():
@@ -42,6 +42,17 @@ def _octahedron():
     v = torch.tensor([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float32)
     f = torch.tensor([[0, 2, 4], [2, 1, 4], [1, 3, 4], [3, 0, 4], [2, 0, 5], [1, 2, 5], [3, 1, 5], [0, 3, 5]])
     return v[None], f
+
+
+def test_cross_is_the_right_handed_cross_product():
+    x, y, z = torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(cross(x, y), z)  # by hand: x * y = z, y * z = x, and anticommuting
+    torch.testing.assert_close(cross(y, z), x)
+    torch.testing.assert_close(cross(y, x), -z)
+    a = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(cross(a, b), torch.linalg.cross(a, b))
+    assert torch.autograd.gradcheck(cross, (a, b))
 
 
 def test_vertex_normals_point_outwards():
