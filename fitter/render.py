@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from priors.mesh import per_faces
+
 # Candidate (triangle, pixel) pairs tested at once in the index pass; bounds peak memory
 # (about 250 bytes per candidate) when triangles are large.
 _MAX_CANDIDATES = 1 << 20
@@ -403,21 +405,13 @@ def _edge_adjacency(faces: Tensor) -> Tensor:
     return torch.cat([nbr.view(-1, 3), off.view(-1, 3)], dim=1)
 
 
-_TOPOLOGY_CACHE: dict[tuple, tuple[Tensor, np.ndarray]] = {}
+_TOPOLOGY: dict[tuple, tuple[Tensor, np.ndarray]] = {}
 
 
 def _cached_topology(faces: Tensor) -> np.ndarray:
     """faces F x 3 beside their :func:`_edge_adjacency` -> F x 9 int64 numpy (corners, neighbours,
-    their far corners), cached per faces tensor (checked by content on every hit)."""
-    key = (faces.device, tuple(faces.shape), faces.data_ptr())
-    hit = _TOPOLOGY_CACHE.get(key)
-    if hit is not None and torch.equal(hit[0], faces):
-        return hit[1]
-    topo = torch.cat([faces, _edge_adjacency(faces)], dim=1).cpu().numpy()
-    if len(_TOPOLOGY_CACHE) >= 32:  # a fit keeps one region mesh per stage and chunk of images
-        _TOPOLOGY_CACHE.pop(next(iter(_TOPOLOGY_CACHE)))
-    _TOPOLOGY_CACHE[key] = (faces.clone(), topo)
-    return topo
+    their far corners), cached per faces tensor."""
+    return per_faces(_TOPOLOGY, faces, lambda: torch.cat([faces, _edge_adjacency(faces)], dim=1).cpu().numpy())
 
 
 _CONTOUR_STEPS = 8

@@ -8,6 +8,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from priors.mesh import per_faces
+
 # Irradiance constants for the 9 real SH basis functions (Ramamoorthi & Hanrahan 2001):
 # the clamped-cosine convolution folded into the basis normalisation.
 SH_CONSTANTS = (
@@ -28,21 +30,16 @@ _INCIDENCE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 def _incidence(faces: Tensor, n_verts: int) -> Tensor:
     """Sparse V x F matrix with a 1 where a vertex is a corner of a face (CSR), cached per faces
-    tensor (checked by content on every hit)."""
-    key = (faces.device, tuple(faces.shape), faces.data_ptr(), n_verts)
-    hit = _INCIDENCE.get(key)
-    if hit is not None and torch.equal(hit[0], faces):
-        return hit[1]
-    nf = faces.shape[0]
-    idx = torch.stack([faces.reshape(-1), torch.arange(nf, device=faces.device).repeat_interleave(3)])
-    ones = torch.ones(3 * nf, device=faces.device)
-    with warnings.catch_warnings():  # torch calls its sparse CSR support beta; this product is plain and tested
-        warnings.simplefilter("ignore", UserWarning)
-        A = torch.sparse_coo_tensor(idx, ones, (n_verts, nf)).coalesce().to_sparse_csr()
-    if len(_INCIDENCE) >= 32:  # a fit keeps one region mesh per stage and chunk of images
-        _INCIDENCE.pop(next(iter(_INCIDENCE)))
-    _INCIDENCE[key] = (faces.clone(), A)
-    return A
+    tensor."""
+    def build() -> Tensor:
+        nf = faces.shape[0]
+        idx = torch.stack([faces.reshape(-1), torch.arange(nf, device=faces.device).repeat_interleave(3)])
+        ones = torch.ones(3 * nf, device=faces.device)
+        with warnings.catch_warnings():  # torch calls its sparse CSR support beta; this product is plain and tested
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_coo_tensor(idx, ones, (n_verts, nf)).coalesce().to_sparse_csr()
+
+    return per_faces(_INCIDENCE, faces, build, n_verts)
 
 
 def cross(a: Tensor, b: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from fitter import albedo as alb
 from fitter.params import FitParams
 from fitter.synth import RenderMesh, coarse_render_mesh, synthesize, visible_region
 from priors.flame import FlameModel
-from priors.mesh import decimate
+from priors.mesh import decimate, per_faces
 from tests.synthetic import synthetic_assets
 
 
@@ -195,3 +195,21 @@ def test_the_fit_renders_the_decimated_mesh_only_in_stages_that_move_the_head(mo
         objective(p, Stage("photo", 1, params_fitted, {"photo": 1.0}), torch.tensor([0]))[0].sum().backward()
         grad = p.albedo.grad[0].abs().sum(1)
         assert bool((grad[~used] == 0).all()) == decimated
+
+
+def test_per_faces_memoises_by_content_and_keeps_32():
+    store, calls = {}, []
+    build = lambda faces: lambda: calls.append(1) or faces.sum().item()  # noqa: E731
+    faces = torch.tensor([[0, 1, 2], [1, 3, 2]])
+    assert per_faces(store, faces, build(faces)) == 9 and per_faces(store, faces, build(faces)) == 9
+    assert len(calls) == 1
+    faces[1, 1] = 0  # changed in place: same tensor, other content -> built again
+    assert per_faces(store, faces, build(faces)) == 6 and len(calls) == 2
+    assert per_faces(store, faces, build(faces), "other key") == 6 and len(calls) == 3
+    kept = [torch.tensor([[k, k + 1, k + 2]]) for k in range(32)]
+    for f in kept:
+        per_faces(store, f, build(f))
+    assert len(store) == 32 and len(calls) == 35
+    per_faces(store, kept[-1], build(kept[-1]))  # still there
+    per_faces(store, faces, build(faces))  # dropped as the oldest: built again
+    assert len(calls) == 36
