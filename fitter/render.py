@@ -441,33 +441,33 @@ def _find_contour_edges(
     face_np = face.cpu().numpy().copy()
     edge = np.zeros_like(face_np)
     active = np.arange(face_np.size)
-    for step in range(_CONTOUR_STEPS):
-        t = topo[face_np[active]]  # M x 9
-        ids = t[:, [0, 1, 2, 6, 7, 8]] + offset[active, None]
-        pts = flat[ids]  # M x 6 x 2
-        start = pts[:, [1, 2, 0]]  # edge k from corner k+1 to k+2
-        d = pts[:, [2, 0, 1]] - start
-        r = ends[active][:, :, None, :] - start[:, None]  # M x 2 x 3 x 2
-        u = d[:, None, :, 0] * r[..., 1] - d[:, None, :, 1] * r[..., 0]  # M x 2 x 3
-        sign = np.sign(u[:, 0].sum(axis=1, keepdims=True))
-        u_c, u_e = u[:, 0] * sign, u[:, 1] * sign
-        with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # non-finite corners (a failed step) compare false, as in torch
+        for step in range(_CONTOUR_STEPS):
+            t = topo[face_np[active]]  # M x 9
+            ids = t[:, [0, 1, 2, 6, 7, 8]] + offset[active, None]
+            pts = flat[ids]  # M x 6 x 2
+            start = pts[:, [1, 2, 0]]  # edge k from corner k+1 to k+2
+            d = pts[:, [2, 0, 1]] - start
+            r = ends[active][:, :, None, :] - start[:, None]  # M x 2 x 3 x 2
+            u = d[:, None, :, 0] * r[..., 1] - d[:, None, :, 1] * r[..., 0]  # M x 2 x 3
+            sign = np.sign(u[:, 0].sum(axis=1, keepdims=True))
+            u_c, u_e = u[:, 0] * sign, u[:, 1] * sign
             tau = u_c / np.maximum(u_c - u_e, np.float32(1e-30))
-        tau[u_e >= u_c] = np.inf
-        k = tau.argmin(axis=1)
-        rows = np.arange(k.size)
-        edge[active] = k
-        if step == _CONTOUR_STEPS - 1:
-            break
-        # continue into the neighbour when it lies beyond the edge (no fold, no border)
-        r_off = pts[rows, 3 + k] - start[rows, k]
-        u_off = (d[rows, k, 0] * r_off[:, 1] - d[rows, k, 1] * r_off[:, 0]) * sign[:, 0]
-        nxt = t[rows, 3 + k]
-        go_on = (nxt >= 0) & (u_off < 0) & (tau[rows, k] < 1)
-        active = active[go_on]
-        if active.size == 0:
-            break
-        face_np[active] = nxt[go_on]
+            tau[u_e >= u_c] = np.inf
+            k = tau.argmin(axis=1)
+            rows = np.arange(k.size)
+            edge[active] = k
+            if step == _CONTOUR_STEPS - 1:
+                break
+            # continue into the neighbour when it lies beyond the edge (no fold, no border)
+            r_off = pts[rows, 3 + k] - start[rows, k]
+            u_off = (d[rows, k, 0] * r_off[:, 1] - d[rows, k, 1] * r_off[:, 0]) * sign[:, 0]
+            nxt = t[rows, 3 + k]
+            go_on = (nxt >= 0) & (u_off < 0) & (tau[rows, k] < 1)
+            active = active[go_on]
+            if active.size == 0:
+                break
+            face_np[active] = nxt[go_on]
     return torch.from_numpy(face_np).to(face.device), torch.from_numpy(edge).to(face.device)
 
 

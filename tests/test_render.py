@@ -298,6 +298,24 @@ def test_sphere_mask_area(device):
     assert vis[(verts[:, 2] < -5) & (verts[:, 2] > -50)].mean() > 0.9
 
 
+def test_non_finite_vertices_render_the_rest_without_warnings():
+    """A failed fitting step can leave some vertices NaN or infinite: the triangles touching them
+    are skipped, the silhouette's walk steps around them silently (numpy is told to be quiet, as
+    torch is), and every pixel comes out finite."""
+    import warnings
+
+    verts, faces = uv_sphere(40.0, (64.0, 64.0), 24, 48)
+    v = torch.as_tensor(verts, dtype=torch.float32)[None].clone()
+    v[0, ::7, 0] = float("inf")
+    v[0, 3::11] = float("nan")
+    f = torch.as_tensor(faces)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = render_mesh(v, f, torch.rand(1, v.shape[1], 3), 128, 128)
+    assert torch.isfinite(out["image"]).all() and torch.isfinite(out["alpha"]).all()
+    assert out["alpha"].sum() > 0.5 * math.pi * 40.0 ** 2  # the triangles away from them are drawn (0.65 here)
+
+
 def test_soft_silhouette_gradient_moves_edges_towards_target():
     verts, faces = uv_sphere(12, (20, 20), 12, 24)
     v = tensor(verts)[None].requires_grad_()
