@@ -134,8 +134,9 @@ def fan_missing() -> str | None:
 
 
 # `import mediapipe` also imports its drawing helpers (they import matplotlib.pyplot) and its audio
-# tasks (sounddevice): 0.5 s of a fit command's start, for modules we never use. They are put in
-# sys.modules as stand-ins first; the first attribute anyone asks of one imports the real module.
+# tasks (they try sounddevice): modules we never use, most of a second of a fit command's first
+# detection (BENCHMARKS.md, sixth round). They are put in sys.modules as stand-ins first; the first
+# attribute anyone asks of one imports the real module.
 _MEDIAPIPE_DEFERRED = ("mediapipe.python.solutions.drawing_utils", "mediapipe.python.solutions.drawing_styles",
                        "mediapipe.tasks.python.audio")
 

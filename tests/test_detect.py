@@ -224,7 +224,7 @@ def test_mediapipe_on_300w_sample_against_human_labels():
 @needs_mediapipe
 def test_mediapipe_import_defers_its_drawing_and_audio_modules():
     """Detecting through flamefit imports neither matplotlib (mediapipe's drawing helpers) nor
-    mediapipe's audio tasks (0.5 s of a command's start), and those modules still work when asked
+    mediapipe's audio tasks (most of a second of a first detection), and those modules still work when asked
     for. In a fresh interpreter: the plain `import mediapipe` imports both (checked first)."""
     import subprocess
     import sys
