@@ -33,24 +33,6 @@ def ortho_unproject_xy(screen_xy: Tensor, cam: Tensor, res: int) -> Tensor:
     return ndc / cam[:, None, :1] - cam[:, None, 1:3]
 
 
-def perspective_project(points: Tensor, focal: Tensor, R: Tensor, t: Tensor, res: int,
-                        principal: Tensor | None = None) -> Tensor:
-    """Pinhole projection; the camera looks down its -z axis (OpenGL convention).
-
-    points B x N x 3 (model space), focal B (in crop widths: f_pixels = focal * res),
-    R B x 3 x 3 and t B x 3 (camera-from-model), principal B x 2 in pixels (default the
-    crop centre) -> B x N x 3 screen, depth = distance along the viewing axis.
-    """
-    pc = points @ R.transpose(1, 2) + t[:, None]
-    depth = -pc[..., 2]
-    f = (focal * res)[:, None]
-    if principal is None:
-        principal = torch.full((points.shape[0], 2), res / 2.0, dtype=points.dtype, device=points.device)
-    x = principal[:, None, 0] + f * pc[..., 0] / depth
-    y = principal[:, None, 1] - f * pc[..., 1] / depth
-    return torch.stack([x, y, depth], dim=-1)
-
-
 def ortho_init_from_landmarks(model_lmk: Tensor, target_px: Tensor, res: int) -> Tensor:
     """Closed-form scale and translation matching model landmarks to 2D targets.
 

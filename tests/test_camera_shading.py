@@ -6,7 +6,6 @@ from fitter.camera import (
     ortho_init_from_landmarks,
     ortho_project,
     ortho_unproject_xy,
-    perspective_project,
 )
 from fitter.shading import SH_CONSTANTS, ambient_light, cross, sh_shading, vertex_normals
 
@@ -28,14 +27,6 @@ def test_ortho_init_recovers_camera():
     cam = torch.tensor([[9.0, 0.01, -0.02], [7.5, -0.03, 0.0]])
     target = ortho_project(pts, cam, 224)[..., :2]
     torch.testing.assert_close(ortho_init_from_landmarks(pts, target, 224), cam, atol=1e-4, rtol=1e-4)
-
-
-def test_perspective_hand_case():
-    pts = torch.tensor([[[0.0, 0.0, -2.0], [1.0, 0.5, -2.0]]])
-    R, t = torch.eye(3)[None], torch.zeros(1, 3)
-    s = perspective_project(pts, torch.tensor([1.0]), R, t, 100)
-    torch.testing.assert_close(s[0, 0], torch.tensor([50.0, 50.0, 2.0]))
-    torch.testing.assert_close(s[0, 1], torch.tensor([100.0, 25.0, 2.0]))  # x = 50 + 100 * 1/2, y up -> down
 
 
 def _octahedron():
