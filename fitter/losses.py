@@ -7,12 +7,13 @@ renderer). Adding a term touches this file and one recipe key.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from priors.mesh import sparse_csr
 
 # iBUG-68 regions (0-based)
 REGIONS = {
@@ -159,9 +160,7 @@ def pair_gram(pairs: Tensor, n: int) -> Tensor:
     i, j = pairs[:, 0], pairs[:, 1]
     w = torch.full((pairs.shape[0],), 1.0 / max(pairs.shape[0], 1), device=pairs.device)
     idx = torch.stack([torch.cat([i, j, i, j]), torch.cat([i, j, j, i])])
-    with warnings.catch_warnings():  # torch calls its sparse CSR support beta; this product is plain and tested
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_coo_tensor(idx, torch.cat([w, w, -w, -w]), (n, n)).coalesce().to_sparse_csr()
+    return sparse_csr(idx, torch.cat([w, w, -w, -w]), (n, n))
 
 
 def mesh_grams(edges: Tensor, mirror: Tensor, n: int) -> tuple[Tensor, Tensor]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
-from priors.mesh import per_faces
+from priors.mesh import per_faces, sparse_csr
 
 # Irradiance constants for the 9 real SH basis functions (Ramamoorthi & Hanrahan 2001):
 # the clamped-cosine convolution folded into the basis normalisation.
@@ -34,10 +33,7 @@ def _incidence(faces: Tensor, n_verts: int) -> Tensor:
     def build() -> Tensor:
         nf = faces.shape[0]
         idx = torch.stack([faces.reshape(-1), torch.arange(nf, device=faces.device).repeat_interleave(3)])
-        ones = torch.ones(3 * nf, device=faces.device)
-        with warnings.catch_warnings():  # torch calls its sparse CSR support beta; this product is plain and tested
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_coo_tensor(idx, ones, (n_verts, nf)).coalesce().to_sparse_csr()
+        return sparse_csr(idx, torch.ones(3 * nf, device=faces.device), (n_verts, nf))
 
     return per_faces(_INCIDENCE, faces, build, n_verts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -25,6 +26,13 @@ def per_faces(store: dict, faces: Tensor, build: Callable[[], T], *extra) -> T:
         store.pop(next(iter(store)))
     store[key] = (faces.clone(), value)
     return value
+
+
+def sparse_csr(indices: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A sparse matrix in CSR form from COO entries (2 x N indices, N values; repeats are summed)."""
+    with warnings.catch_warnings():  # torch calls its sparse CSR support beta; our products are plain and tested
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_coo_tensor(indices, values, shape).coalesce().to_sparse_csr()
 
 
 def mesh_edges(faces: Tensor) -> Tensor:
