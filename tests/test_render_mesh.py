@@ -14,7 +14,7 @@ from fitter import albedo as alb
 from fitter.params import FitParams
 from fitter.synth import RenderMesh, coarse_render_mesh, synthesize, visible_region
 from priors.flame import FlameModel
-from priors.mesh import decimate, per_faces
+from priors.mesh import decimate, mesh_edges, per_faces
 from tests.synthetic import synthetic_assets
 
 
@@ -213,3 +213,14 @@ def test_per_faces_memoises_by_content_and_keeps_32():
     per_faces(store, kept[-1], build(kept[-1]))  # still there
     per_faces(store, faces, build(faces))  # dropped as the oldest: built again
     assert len(calls) == 36
+
+
+def test_mesh_edges_lists_each_undirected_edge_once():
+    # a square cut into two triangles, wound opposite ways, plus a lone triangle on vertices 4..6
+    faces = torch.tensor([[0, 1, 2], [0, 3, 2], [6, 5, 4]])
+    expected = [[0, 1], [0, 2], [0, 3], [1, 2], [2, 3], [4, 5], [4, 6], [5, 6]]
+    assert mesh_edges(faces).tolist() == expected
+    # on a real mesh: against the set of sorted corner pairs, built independently in Python
+    model = FlameModel(synthetic_assets())
+    pairs = {tuple(sorted((a, b))) for f in model.faces.tolist() for a, b in ((f[0], f[1]), (f[1], f[2]), (f[2], f[0]))}
+    assert mesh_edges(model.faces).tolist() == sorted(map(list, pairs))
