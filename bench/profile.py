@@ -8,7 +8,9 @@ measured in the same run, before and after):
   MediaPipe detection on the image, preparing the fit (recipe, setup, targets, dense embedding),
   then one whole default fit and writing its outputs (fit.npz, mesh.obj, overlay.png, fit.json);
 - **one least-squares iteration's pieces** (the default recipe's rigid and landmark stages on that
-  image): the Jacobian, and the normal equations with one damped solve;
+  image): the Jacobian by autodiff through the whole residual function, and through the model's
+  points where the fit takes that way (`objective.residual_jacobian`: the landmark stage), and the
+  normal equations with one damped solve;
 - **one photometric iteration** of the default recipe on that image, forward + backward of each
   part on its own, on the mesh the stage renders (the part of the recipe's `render_faces`
   decimation, or of the model's own mesh, that can show inside the face mask): the model,
@@ -143,8 +145,8 @@ def photometric_parts(image: Path, repeats: int, overrides: list[str] = ()) -> d
 
 def least_squares_parts(setup, batch, objective, repeats: int) -> dict:
     """One Levenberg-Marquardt iteration's pieces for the default recipe's rigid and landmark stages on
-    the photo (the detector's 68 + 478 points): the Jacobian (two reverse passes), the normal
-    equations and one damped solve, ms."""
+    the photo (the detector's 68 + 478 points): the Jacobian (two reverse passes; and through the
+    model's points where the fit uses that), the normal equations and one damped solve, ms."""
     import torch
 
     from fitter.fit import initial_params
@@ -165,6 +167,9 @@ def least_squares_parts(setup, batch, objective, repeats: int) -> dict:
                            "jacobian": median_ms(lambda fn=fn, x=x: batched_jacobian(fn, x), repeats),
                            "normal equations + solve": median_ms(
                                lambda J=J, r=r: lm_step(*normal_equations(J, r), torch.ones(1)), repeats)}
+        if objective.residual_jacobian(params, names, stage, rows) is not None:  # what the fit uses here
+            out[stage.name]["jacobian through the points"] = median_ms(
+                lambda stage=stage, names=names: objective.residual_jacobian(params, names, stage, rows), repeats)
     return out
 
 
@@ -202,8 +207,9 @@ def main(argv=None) -> None:
         print(f"  {k:24s} {v:7.1f} ms {v / R:6.2f} R")
     for name, part in step["least_squares"].items():
         print(f"least squares, stage {name} (P {part['P']} unknowns, M {part['M']} residuals):")
-        for k in ("jacobian", "normal equations + solve"):
-            print(f"  {k:24s} {part[k]:7.1f} ms {part[k] / R:6.2f} R")
+        for k in ("jacobian", "jacobian through the points", "normal equations + solve"):
+            if k in part:
+                print(f"  {k:28s} {part[k]:7.1f} ms {part[k] / R:6.2f} R")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from priors.assets import load_model, resolve_model_path
 from priors.errors import FlamefitError, LandmarkError, NoFaceError, UsageError
-from priors.flame import FlameModel
+from priors.flame import FlameModel, FlameOutput
 from priors.mesh import mesh_edges, mirror_index
 
 from . import detect, io
@@ -25,11 +25,13 @@ from .albedo import AlbedoModel, installed_albedo_model
 from .camera import (camera_init_from_landmarks, crop_intrinsics, default_focal_px, opencv_camera,
                      pinhole_from_ortho)
 from .losses import TERMS, Context, landmark_weights, mesh_grams
-from .optimize import Progress, StageReport, run_recipe
+from .optimize import (Progress, StageReport, batched_jacobian, chained_jacobian, flatten_params, run_recipe,
+                       unflatten_params)
 from .params import FitParams
 from .perceptual import load_perceptual
 from .recipe import Recipe, Stage, load_recipe
-from .synth import RenderMesh, coarse_render_mesh, face_mask_polygon, model_output, synthesize, visible_region
+from .synth import (RenderMesh, coarse_render_mesh, face_mask_polygon, landmark_pred, model_output, synthesize,
+                    visible_region)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -303,11 +305,64 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
         tgt = stage_targets.select(rows)
         pred = synthesize(setup.model, chunk, res, render=False, lean=True)
         ctx = Context(chunk, pred, tgt, res, {**setup.extra, "rows": rows})
-        parts = [w ** 0.5 * TERMS[name].residual(ctx) for name, w in stage.weights.items() if w > 0]
-        return torch.cat(parts, dim=1)
+        return torch.cat(residual_parts(ctx, stage), dim=1)
+
+    def residual_parts(ctx: Context, stage: Stage) -> list[Tensor]:
+        return [w ** 0.5 * TERMS[name].residual(ctx) for name, w in stage.weights.items() if w > 0]
+
+    def residual_jacobian(chunk: FitParams, names: list[str], stage: Stage, rows: Tensor
+                          ) -> tuple[Tensor, Tensor] | None:
+        """residuals(chunk, stage, rows) and their Jacobian in the groups `names` (flattened in that order:
+        len(rows) x M x P), through the model's points: the chain rule (optimize.chained_jacobian) with
+        the points' derivative in the blendshape coefficients in closed form and in the poses by autodiff
+        (few columns). None where that does not apply or would not pay: a group that is not geometry, no
+        landmarks, or no coefficients (autodiff through the model is as fast for a few pose columns)."""
+        model = setup.model
+        if not set(names) <= GEOMETRY or not model.has_landmarks or not {"shape", "exp"} & set(names):
+            return None
+        res, stage_targets = at(stage)
+        tgt = stage_targets.select(rows)
+        poses = [n for n in names if n.endswith("_pose")]
+
+        def points(p: FitParams) -> Tensor:  # B x 3N: landmarks3d, landmarks3d_full, dense
+            out = model_output(model, p, lean=True)
+            return torch.cat([out.landmarks3d, out.landmarks3d_full] + ([out.dense] if out.dense is not None else []),
+                             dim=1).flatten(1)
+
+        with torch.no_grad():
+            q = points(chunk)
+            dq_coeffs = model.lean_coeff_jacobian(torch.cat([chunk.shape, chunk.exp], dim=1),
+                                                  model.full_pose(chunk.global_pose, chunk.neck_pose,
+                                                                  chunk.jaw_pose, chunk.eye_pose))
+        dq_coeffs = dq_coeffs.flatten(1, 2)  # B x 3N x K
+        dq_pose = batched_jacobian(lambda v: points(unflatten_params(chunk, poses, v)),
+                                   flatten_params(chunk, poses))[1] if poses else None
+        cols, at_pose = [], 0
+        for n in names:  # dq/dx, column block by column block in the order of `names`
+            width = getattr(chunk, n)[0].numel()
+            if n == "shape":
+                cols.append(dq_coeffs[..., :model.n_shape])
+            elif n == "exp":
+                cols.append(dq_coeffs[..., model.n_shape:])
+            elif n in poses:
+                cols.append(dq_pose[..., at_pose:at_pose + width])
+                at_pose += width
+            else:  # the camera moves no model point
+                cols.append(q.new_zeros(*q.shape, width))
+
+        def from_points(qv: Tensor, xv: Tensor) -> list[Tensor]:  # what residuals() computes, from the points
+            p = unflatten_params(chunk, names, xv)
+            pts = qv.view(qv.shape[0], -1, 3)
+            out = FlameOutput(pts.new_zeros(pts.shape[0], 0, 3), None, pts[:, :68], pts[:, 68:136],
+                              pts[:, 136:] if pts.shape[1] > 136 else None)
+            return residual_parts(Context(p, landmark_pred(out, p.cam, res), tgt, res, {**setup.extra, "rows": rows}),
+                                  stage)
+
+        return chained_jacobian(from_points, q, torch.cat(cols, dim=2), flatten_params(chunk, names))
 
     if not tie_shape:  # least squares needs images with their own parameters
         objective.residuals = residuals
+        objective.residual_jacobian = residual_jacobian
     return objective
 
 

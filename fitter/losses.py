@@ -96,7 +96,13 @@ def _dense_residual(c) -> Tensor:
 
 
 def _pair_distance(points: Tensor, a: list[int], b: list[int]) -> Tensor:
-    return (points[:, a] - points[:, b]).norm(dim=-1)
+    """|points[a_i] - points[b_i]| per pair: B x N x D -> B x pairs. The differences come from a
+    +1/-1 matrix product, not tensor indexing, which the least-squares Jacobian would differentiate
+    one column at a time (fitter.optimize.batched_jacobian)."""
+    diff = torch.zeros(len(a), points.shape[1], dtype=points.dtype, device=points.device)
+    diff[range(len(a)), a] += 1.0
+    diff[range(len(b)), b] -= 1.0
+    return (diff @ points).norm(dim=-1)
 
 
 def relative_distance_loss(pred: Tensor, target: Tensor, a: list[int], b: list[int], res: int) -> Tensor:
@@ -145,7 +151,9 @@ def focal_residual(cam: Tensor, focal0: Tensor) -> Tensor:
     zero for weak perspective. A log prior: a lens twice as long costs what one half as long does."""
     if cam.shape[1] != 6 or focal0 is None:
         return cam.new_zeros(cam.shape[0], 1)
-    return torch.log(cam[:, 3:4].clamp_min(1e-6) / focal0[:, None])
+    f = cam[:, 3:4]
+    focal = f + torch.relu(1e-6 - f)  # ~ f.clamp_min(1e-6), exactly f above it, with relu: see _pair_distance
+    return torch.log(focal / focal0[:, None])
 
 
 # jaw: pitch (x) opens the mouth; a little yaw/roll only

@@ -10,10 +10,12 @@ by the recipe (`solver = "adam" | "lm"`):
   same joint optimisation. Early stop on plateau; a non-finite loss rolls back to the last good
   state and halves the learning rate.
 - Levenberg-Marquardt, for stages whose terms all have a least-squares form
-  (`objective.residuals(params, stage, rows) -> B x M`): per image, J from forward-mode
-  autodiff, the damped normal equations (J^T J + lambda diag(J^T J)) delta = -J^T r, a step kept
-  only where the true objective decreases (else lambda grows and the image waits). A handful of
-  steps where Adam takes hundreds. Images must be independent (own parameters each).
+  (`objective.residuals(params, stage, rows) -> B x M`): per image, J by autodiff (two reverse
+  passes, batched_jacobian), or from `objective.residual_jacobian` where the objective offers a
+  cheaper one (fit.py: through the head model's points), then the damped normal equations
+  (J^T J + lambda diag(J^T J)) delta = -J^T r, a step kept only where the true objective decreases
+  (else lambda grows and the image waits). A handful of steps where Adam takes hundreds. Images
+  must be independent (own parameters each).
 """
 
 from __future__ import annotations
@@ -208,21 +210,62 @@ def batched_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor,
     return r.detach(), cols.permute(1, 2, 0)
 
 
-def _batched_vjp(output: Tensor, inp: Tensor, grads: Tensor) -> Tensor:
-    """torch.autograd.grad(output, inp, grads, is_grads_batched=True)[0], run the way torch runs it
-    but without its check of the grads' shapes, whose first use imports sympy: 0.4-0.5 s inside
-    every fit command's first least-squares stage. The shapes here are ours (grads: N x output's);
-    if torch's internals move, the public call is used."""
+def chained_jacobian(fn: Callable[[Tensor, Tensor], list[Tensor]], q: Tensor, dq: Tensor, x: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+    """Residuals fn(q, x) and their per-row Jacobian in x, where q = q(x) is given with its own Jacobian:
+    q B x Q (the value at x), dq B x Q x P, x B x P -> (B x M, B x M x P); rows independent as in
+    batched_jacobian. fn returns its residuals in parts (B x M_i each), concatenated here.
+
+    The chain rule, J = dfn/dx + dfn/dq . dq, with batched_jacobian's two reverse passes over fn alone:
+    g(u) = (dfn/dx^T u, dfn/dq^T u) is built with its graph, and its derivative in u applied to each
+    column's pair (e_k, dq[..., k]) gives column k. The passes then never run through whatever makes q
+    (the head model), whose Jacobian the caller can form more cheaply (fit.py: in closed form for the
+    blendshape coefficients). One u per part: through a concatenation, each column's pass would fill
+    and add an M-long gradient per part."""
+    B, P = x.shape
+    with torch.enable_grad():
+        xr, qr = x.detach().requires_grad_(True), q.detach().requires_grad_(True)
+        parts = fn(qr, xr)
+        us = [torch.zeros_like(p, requires_grad=True) for p in parts]
+        inner = sum((p * u).sum() for p, u in zip(parts, us, strict=True))
+        gx, gq = torch.autograd.grad(inner, (xr, qr), create_graph=True, allow_unused=True)
+        outputs, bases = [], []
+        if gx is not None and gx.requires_grad:
+            outputs.append(gx)
+            bases.append(torch.eye(P, dtype=x.dtype, device=x.device)[:, None, :].expand(P, B, P))
+        if gq is not None and gq.requires_grad:
+            outputs.append(gq)
+            bases.append(dq.permute(2, 0, 1))
+        r = torch.cat([p.detach() for p in parts], dim=1)
+        if not outputs:  # fn does not depend on x at all
+            return r, r.new_zeros(B, r.shape[1], P)
+        cols = _batched_vjp(outputs, us, bases)  # P x B x M_i per part; None where a part is constant
+        cols = [c if c is not None else p.new_zeros(P, *p.shape) for c, p in zip(cols, parts, strict=True)]
+    return r, torch.cat(cols, dim=2).permute(1, 2, 0)
+
+
+def _batched_vjp(output: Tensor | list[Tensor], inp: Tensor | list[Tensor], grads: Tensor | list[Tensor]
+                 ) -> Tensor | tuple[Tensor, ...]:
+    """torch.autograd.grad(output, inp, grads, is_grads_batched=True), run the way torch runs it but
+    without its check of the grads' shapes, whose first use imports sympy: 0.4-0.5 s inside every fit
+    command's first least-squares stage. The shapes here are ours (grads: N x output's; several
+    outputs, each with its grads, sum their products). One input gives one tensor; a list a tuple, with
+    None for an input the outputs do not depend on. If torch's internals move, the public call is used."""
+    outputs = tuple(output) if isinstance(output, list) else (output,)
+    grads = tuple(grads) if isinstance(grads, list) else (grads,)
+    inputs = tuple(inp) if isinstance(inp, list) else (inp,)
+    unused = len(inputs) > 1  # several inputs: one the outputs do not reach gets None
     try:
         from torch._vmap_internals import _vmap
         from torch.autograd.graph import _engine_run_backward
     except ImportError:
-        return torch.autograd.grad(output, inp, grads, is_grads_batched=True)[0]
+        out = torch.autograd.grad(outputs, inputs, grads, is_grads_batched=True, allow_unused=unused)
+    else:
+        def vjp(*g: Tensor) -> tuple:
+            return _engine_run_backward(outputs, g, False, False, inputs, unused, accumulate_grad=False)
 
-    def vjp(g: tuple) -> tuple:
-        return _engine_run_backward((output,), g, False, False, (inp,), False, accumulate_grad=False)
-
-    return _vmap(vjp, 0, 0, allow_none_pass_through=True)((grads,))[0]
+        out = _vmap(vjp, (0,) * len(grads), 0, allow_none_pass_through=True)(*grads)
+    return tuple(out) if isinstance(inp, list) else out[0]
 
 
 def normal_equations(J: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
@@ -265,6 +308,7 @@ def run_lm_stage(params: FitParams, stage: Stage, objective: Objective, progress
     events: list[str] = []
     term_values: dict[str, list[Tensor]] = {}
     iterations = 0
+    structured = getattr(objective, "residual_jacobian", None)
     for rows in chunks:
         base = params.select(rows.tolist())
         xc = x[rows].clone()
@@ -285,7 +329,8 @@ def run_lm_stage(params: FitParams, stage: Stage, objective: Objective, progress
         lam = torch.full_like(f, LM_LAMBDA0)
         active = torch.ones_like(f, dtype=torch.bool)
         for it in range(1, stage.iterations + 1):
-            r, J = batched_jacobian(residual_fn, xc)
+            rJ = structured(unflatten_params(base, names, xc), names, stage, rows) if structured else None
+            r, J = rJ if rJ is not None else batched_jacobian(residual_fn, xc)
             H, g = normal_equations(J, r)
             pending, gain = active.clone(), torch.zeros_like(f)
             for _ in range(6):  # per image: grow lambda until its step lowers the objective

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from priors.errors import UsageError
-from priors.flame import FlameModel, VertexSubset
+from priors.flame import FlameModel, FlameOutput, VertexSubset
 from priors.mesh import decimate
 
 from .camera import project, towards_camera
@@ -89,6 +89,17 @@ def visible_region(model: FlameModel, params: FitParams, res: int, mask: Tensor,
     return RenderMesh(model.vertex_subset(ids), local[torch.searchsorted(ring, keep)], local, texture)
 
 
+def landmark_pred(out: FlameOutput, cam: Tensor, res: int) -> dict:
+    """What a lean synthesis returns (see synthesize): the model's vertices and points, and the points
+    projected by `cam` into the crop (landmarks2d, landmarks2d_static, dense2d when the model has
+    dense points)."""
+    pred = {"vertices": out.vertices, "landmarks2d": project(out.landmarks3d, cam, res)[..., :2],
+            "landmarks3d": out.landmarks3d, "landmarks2d_static": project(out.landmarks3d_full, cam, res)[..., :2]}
+    if out.dense is not None:
+        pred["dense2d"] = project(out.dense, cam, res)[..., :2]
+    return pred
+
+
 def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = True,
                background: Tensor | None = None, lean: bool = False, albedo_model=None, maps: bool = True,
                cull_back: bool = False, fixed: dict | None = None, mesh: RenderMesh | None = None) -> dict:
@@ -121,11 +132,7 @@ def synthesize(model: FlameModel, params: FitParams, res: int, render: bool = Tr
         frags, cover = fixed["frags"], fixed["cover"]
     else:
         out = model_output(model, params, lean=lean and not render, subset=None if mesh is None else mesh.subset)
-        lmk = project(out.landmarks3d, params.cam, res)[..., :2]
-        pred = {"vertices": out.vertices, "landmarks2d": lmk, "landmarks3d": out.landmarks3d,
-                "landmarks2d_static": project(out.landmarks3d_full, params.cam, res)[..., :2]}
-        if out.dense is not None:
-            pred["dense2d"] = project(out.dense, params.cam, res)[..., :2]
+        pred = landmark_pred(out, params.cam, res)
         if not render:
             return pred
         screen = project(out.vertices, params.cam, res)

@@ -65,11 +65,12 @@ def batch_rigid_transform(rot_mats: Tensor, joints: Tensor, parents: Tensor) -> 
     rest-pose points to posed points.
     """
     B, J = joints.shape[:2]
-    rel = joints.clone()
-    rel[:, 1:] = joints[:, 1:] - joints[:, parents[1:]]
+    # no tensor indexing or in-place writes here: the least-squares Jacobian differentiates this twice
+    # under torch's vmap, which runs such ops one Jacobian column at a time (fitter.optimize)
+    rel = torch.stack([joints[:, 0]] + [joints[:, j] - joints[:, int(parents[j])] for j in range(1, J)], dim=1)
     local = torch.cat([rot_mats, rel[..., None]], dim=-1)  # B x J x 3 x 4
-    bottom = torch.tensor([0, 0, 0, 1], dtype=joints.dtype, device=joints.device)
-    local = torch.cat([local, bottom.expand(B, J, 1, 4)], dim=-2)  # B x J x 4 x 4
+    bottom = torch.tensor([0, 0, 0, 1], dtype=joints.dtype, device=joints.device).expand(B, J, 1, 4)
+    local = torch.cat([local, bottom], dim=-2)  # B x J x 4 x 4
     chain = [local[:, 0]]
     for j in range(1, J):
         chain.append(chain[int(parents[j])] @ local[:, j])
@@ -77,9 +78,8 @@ def batch_rigid_transform(rot_mats: Tensor, joints: Tensor, parents: Tensor) -> 
     posed_joints = world[:, :, :3, 3]
     # subtract the transformed rest joint so the transform applies to rest-pose vertices
     offset = (world[:, :, :3, :3] @ joints[..., None])[..., 0]
-    rel_transforms = world.clone()
-    rel_transforms[:, :, :3, 3] = world[:, :, :3, 3] - offset
-    return posed_joints, rel_transforms
+    top = torch.cat([world[:, :, :3, :3], (posed_joints - offset)[..., None]], dim=-1)
+    return posed_joints, torch.cat([top, bottom], dim=-2)
 
 
 def lbs_transforms(coeffs: Tensor, pose: Tensor, v_template: Tensor, dirs: Tensor, J_regressor: Tensor,
@@ -297,7 +297,7 @@ class FlameModel(nn.Module):
         row follows the yaw of root . neck (degrees, +towards +x): the rotation of the neck joint's
         transform in A."""
         B = coeffs.shape[0]
-        rows = dynamic_contour_rows(torch.rad2deg(rot_mat_to_yaw(A[:, 1, :3, :3].detach())))
+        rows = self._contour_rows(A)
         used, which = torch.unique(rows, return_inverse=True)  # U rows, each image's among them
         n_fixed = self.lmk_static_ids.shape[0] + self.lmk_full_ids.shape[0]
         ids = torch.cat([self.lmk_static_ids, self.lmk_full_ids, self.lmk_dynamic_ids[used].reshape(-1)])
@@ -305,8 +305,48 @@ class FlameModel(nn.Module):
         posedirs = self.lmk_posedirs[:, ids].reshape(pose_feature.shape[1], -1) if self.has_correctives else None
         points = skin(shaped, pose_feature, A, posedirs, self.lmk_weights[ids])  # B x N x 3
         n_static = self.lmk_static_ids.shape[0]
-        contour = points[:, n_fixed:].view(B, len(used), -1, 3)[torch.arange(B, device=rows.device), which]
+        # each image's row picked by a product, not an index (see batch_rigid_transform)
+        pick = torch.nn.functional.one_hot(which, len(used)).to(points.dtype)[:, None]  # B x 1 x U
+        contour = (pick @ points[:, n_fixed:].reshape(B, len(used), -1)).view(B, -1, 3)
         return torch.cat([contour, points[:, :n_static]], dim=1), points[:, n_static:n_fixed]
+
+    def _contour_rows(self, A: Tensor) -> Tensor:
+        """Each image's row of the dynamic contour (B,), from the yaw of root . neck in the transforms A."""
+        return dynamic_contour_rows(torch.rad2deg(rot_mat_to_yaw(A[:, 1, :3, :3].detach())))
+
+    def lean_coeff_jacobian(self, coeffs: Tensor, pose: Tensor) -> Tensor:
+        """The derivative of a lean evaluation's points in the coefficients: coeffs B x K (shape and
+        expression), pose B x (J*3) -> B x N x 3 x K, the points in the order landmarks3d (68),
+        landmarks3d_full (68), dense (if attached).
+
+        Exact, with no autodiff: at a fixed pose every point is linear in the coefficients. Its rest
+        position moves by its blendshapes, skinned with its weighted joint rotations; and the rest
+        joints move by the joint blendshapes, which the kinematic chain carries through the same
+        rotations into each joint transform's translation (linear in the rest joints). The
+        correctives depend on the pose alone."""
+        B, K = coeffs.shape
+        J = self.n_joints
+        joints = self.joint_template[None] + blend_shapes(coeffs, self.joint_dirs)
+        _, A, _ = pose_transforms(pose, joints, self.parents)
+        rot = batch_rodrigues(pose.reshape(-1, 3)).view(B, 1, J, 3, 3).expand(B, K, J, 3, 3).reshape(-1, J, 3, 3)
+        jdirs = self.joint_dirs.permute(2, 0, 1)[None].expand(B, K, J, 3).reshape(-1, J, 3)
+        shift = batch_rigid_transform(rot, jdirs, self.parents)[1][:, :, :3, 3]  # (B K) x J x 3
+        shift = shift.view(B, K, J, 3).transpose(1, 2).reshape(B, J, K * 3)
+        rotation = A[:, :, :3, :3].reshape(B, J, 9)
+
+        def points(dirs: Tensor, weights: Tensor) -> Tensor:  # (B x) N x 3 x K, (B x) N x J -> B x N x 3 x K
+            turn = (weights @ rotation).view(B, -1, 3, 3)  # each point's blended rotation
+            moved = (weights @ shift).view(B, -1, K, 3).transpose(2, 3)  # its blended joint translations
+            return turn @ dirs + moved
+
+        parts = []
+        if self.has_landmarks:  # per image: its contour row, the static points, the fixed contour's
+            ids = torch.cat([self.lmk_dynamic_ids[self._contour_rows(A)],
+                             self.lmk_static_ids.expand(B, -1), self.lmk_full_ids.expand(B, -1)], dim=1)
+            parts.append(points(self.lmk_dirs[ids], self.lmk_weights[ids]))
+        if self.has_dense:
+            parts.append(points(self.dense_dirs, self.dense_weights))
+        return torch.cat(parts, dim=1)
 
     def forward(
         self,

@@ -71,3 +71,57 @@ def test_detector_trust_scales_the_landmark_terms():
         torch.testing.assert_close(v, v1 * torch.tensor([1.0, 0.1]))
         r, r1 = TERMS[name].residual(c), TERMS[name].residual(c1)
         torch.testing.assert_close((r ** 2).sum(1), (r1 ** 2).sum(1) * torch.tensor([1.0, 0.1]))
+
+
+def test_the_landmark_stages_jacobian_through_the_models_points(synthetic_model_dir):
+    """objective.residual_jacobian (the chain rule through the model's points, their coefficient
+    derivative in closed form) gives autodiff's Jacobian of the same residuals, on a model with pose
+    correctives and dense points, every geometry group free; and neither Jacobian's double reverse
+    pass falls back to one column at a time inside torch's vmap (tensor indexing, in-place writes
+    and clamps did, and cost most of the Jacobian's time)."""
+    import warnings
+
+    from fitter.fit import load_flame
+    from fitter.optimize import batched_jacobian, flatten_params, unflatten_params
+
+    m = load_flame(synthetic_model_dir)  # its own copy (attach_dense changes it)
+    rng = np.random.default_rng(8)
+    n = 30
+    m.attach_dense(rng.integers(0, m.faces.shape[0], n), rng.dirichlet(np.ones(3), n))
+    res = 224
+    torch.manual_seed(8)
+    truth = FitParams.initial(2, m.n_shape, m.n_exp, m.n_verts)
+    truth.cam = torch.tensor([[7.5, 0.0, 0.02, 2.4, 0.0, 0.0], [6.0, 0.01, -0.02, 2.0, 0.0, 0.0]])
+    truth.global_pose, truth.neck_pose = torch.tensor([[0.1, 0.5, 0.0], [0.0, -0.3, 0.1]]), 0.1 * torch.randn(2, 3)
+    truth.jaw_pose, truth.eye_pose = torch.tensor([[0.2, 0.0, 0.0], [0.1, 0.0, 0.0]]), 0.1 * torch.randn(2, 6)
+    truth.shape, truth.exp = torch.randn(2, m.n_shape), torch.randn(2, m.n_exp)
+    with torch.no_grad():
+        pred = synthesize(m, truth, res, render=False)
+    noisy = lambda t: t + 2.0 * torch.randn_like(t)  # noqa: E731
+    targets = Targets(torch.zeros(2, 3, res, res), noisy(pred["landmarks2d"]), torch.ones(2, 1, res, res),
+                      torch.ones(68), torch.tensor([2.2, 2.2]), torch.zeros(2, 2), noisy(pred["dense2d"]),
+                      torch.ones(2, n))
+    names = ["cam", "global_pose", "neck_pose", "jaw_pose", "eye_pose", "shape", "exp"]
+    weights = {"landmark": 1.0, "dense_landmark": 1.0, "eye_closure": 0.5, "lip_distance": 0.5, "shape_prior": 1e-4,
+               "exp_prior": 1e-4, "jaw_limit": 1.0, "neck_prior": 1e-3, "focal_prior": 1e-2, "eye_limit": 1.0}
+    stages = {"lmk": {"iterations": 5, "params": names, "solver": "lm", "weights": weights}}
+    recipe = parse_recipe({"lr": dict.fromkeys(names, 0.01), "stages": stages}, "t", "t")
+    stage, rows = recipe.stages[0], torch.arange(2)
+    objective = make_objective(make_setup(m, recipe), targets)
+    start = FitParams(**{**dict(truth.items()), "shape": truth.shape * 0.5, "exp": truth.exp * 0.5})
+    x = flatten_params(start, names)
+    fallback = getattr(torch._C, "_debug_only_display_vmap_fallback_warnings", None)
+    if fallback is not None:
+        fallback(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r, J = objective.residual_jacobian(start, names, stage, rows)
+            r0, J0 = batched_jacobian(lambda v: objective.residuals(unflatten_params(start, names, v), stage, rows), x)
+    finally:
+        if fallback is not None:
+            fallback(False)
+    torch.testing.assert_close(r, r0)
+    torch.testing.assert_close(J, J0, atol=2e-5 * float(J0.abs().max()), rtol=1e-4)
+    assert J.shape == (2, r0.shape[1], x.shape[1]) and (J[..., -m.n_exp:].abs().amax() > 0)
+    assert not [w for w in caught if "batching rule" in str(w.message)], caught[0].message if caught else ""

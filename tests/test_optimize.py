@@ -114,6 +114,31 @@ def test_lm_jacobian_matches_finite_differences():
     torch.testing.assert_close(r, fn(x))
 
 
+def test_chained_jacobian_is_the_chain_rule():
+    """chained_jacobian(fn, q(x), dq/dx, x) against finite differences of x -> fn(q(x), x), with a part that
+    uses x directly, one that uses q and x, one constant part and an empty one."""
+    from fitter.optimize import chained_jacobian
+
+    A = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0], [0.0, 1.0, 1.0], [2.0, 0.0, -1.0]], dtype=torch.float64)
+
+    def q_of(x):  # B x 3 -> B x 4, nonlinear
+        return torch.sin(x @ A.T) + x[:, :1] ** 2
+
+    def fn(q, x):
+        return [x ** 2 - 1.0, (q[:, :2] * x[:, 1:]).exp(), torch.ones_like(x[:, :1]), x[:, :0]]
+
+    x = torch.tensor([[0.1, -0.3, 0.7], [0.4, 0.2, -0.5]], dtype=torch.float64)
+    B, P = x.shape
+    dq = torch.stack([torch.autograd.functional.jacobian(lambda v: q_of(v[None])[0], x[b]) for b in range(B)])
+    r, J = chained_jacobian(fn, q_of(x), dq, x)
+    whole = lambda v: torch.cat(fn(q_of(v), v), dim=1)  # noqa: E731
+    eps, eye = 1e-6, torch.eye(P, dtype=x.dtype)
+    fd = torch.stack([(whole(x + eps * eye[k]) - whole(x - eps * eye[k])) / (2 * eps) for k in range(P)], dim=2)
+    torch.testing.assert_close(r, whole(x))
+    torch.testing.assert_close(J, fd, atol=1e-7, rtol=1e-6)
+    assert J.shape == (B, 3 + 2 + 1, P) and (J[:, 5] == 0).all()
+
+
 def test_the_jacobian_does_not_import_sympy():
     """torch's public batched backward checks the grads' shapes with a module whose first import
     pulls in sympy (0.4-0.5 s of every fit command); batched_jacobian runs it without that check,
