@@ -214,11 +214,13 @@ _RENDER_MESH_CACHE: dict[tuple, RenderMesh | None] = {}
 
 
 def make_setup(model: FlameModel, recipe: Recipe, device: str = "cpu") -> FitSetup:
-    if model.tag not in _MESH_CACHE:
-        _MESH_CACHE[model.tag] = mesh_grams(mesh_edges(model.faces.cpu()), mirror_index(model.v_template.cpu()),
-                                            model.n_verts)
-    smooth, mirror = _MESH_CACHE[model.tag]
-    extra = {"smooth_gram": smooth.to(device), "mirror_gram": mirror.to(device), "margin": recipe.consistency_margin}
+    extra = {"margin": recipe.consistency_margin}
+    if recipe.uses("albedo_smooth") or recipe.uses("albedo_symmetry"):  # (the mirror index imports scipy.spatial)
+        if model.tag not in _MESH_CACHE:
+            _MESH_CACHE[model.tag] = mesh_grams(mesh_edges(model.faces.cpu()), mirror_index(model.v_template.cpu()),
+                                                model.n_verts)
+        smooth, mirror = _MESH_CACHE[model.tag]
+        extra.update(smooth_gram=smooth.to(device), mirror_gram=mirror.to(device))
     warnings = []
     if recipe.uses("perceptual"):
         module, warning = load_perceptual(recipe.perceptual)
