@@ -322,26 +322,33 @@ def write_obj(path, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | N
     (the common 'v x y z r g b' extension) or a UV texture (vt T x 2, ft F x 3, texture_name: a PNG
     next to the OBJ, referenced through an .mtl)."""
     path = Path(path)
-    lines = []
+    parts = []
     if texture_name:
         mtl = path.with_suffix(".mtl")
         mtl.write_text(f"newmtl material0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nmap_Kd {texture_name}\n")
-        lines += [f"mtllib {mtl.name}", "usemtl material0"]
-    v = np.asarray(verts, dtype=np.float64)
+        parts.append(f"mtllib {mtl.name}\nusemtl material0\n")
+    v = np.asarray(verts, dtype=np.float64).reshape(-1, 3)
     if colors is not None:
-        c = np.clip(np.asarray(colors, dtype=np.float64), 0, 1)
-        lines += [f"v {a:.6f} {b:.6f} {d:.6f} {r:.4f} {g:.4f} {bl:.4f}"
-                  for (a, b, d), (r, g, bl) in zip(v, c, strict=True)]
+        c = np.clip(np.asarray(colors, dtype=np.float64), 0, 1).reshape(-1, 3)
+        if len(c) != len(v):
+            raise ValueError(f"write_obj: {len(v)} vertices but {len(c)} colours")
+        parts.append(_rows("v %.6f %.6f %.6f %.4f %.4f %.4f\n", np.concatenate([v, c], axis=1)))
     else:
-        lines += [f"v {a:.6f} {b:.6f} {d:.6f}" for a, b, d in v]
-    f = np.asarray(faces, dtype=np.int64) + 1
+        parts.append(_rows("v %.6f %.6f %.6f\n", v))
+    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3) + 1
     if vt is not None and ft is not None:
-        lines += [f"vt {a:.6f} {b:.6f}" for a, b in np.asarray(vt, dtype=np.float64)]
-        t = np.asarray(ft, dtype=np.int64) + 1
-        lines += [f"f {a}/{x} {b}/{y} {c}/{z}" for (a, b, c), (x, y, z) in zip(f, t, strict=True)]
+        parts.append(_rows("vt %.6f %.6f\n", np.asarray(vt, dtype=np.float64).reshape(-1, 2)))
+        t = np.asarray(ft, dtype=np.int64).reshape(-1, 3) + 1
+        parts.append(_rows("f %d/%d %d/%d %d/%d\n", np.stack([f, t], axis=2).reshape(-1, 6)))
     else:
-        lines += [f"f {a} {b} {c}" for a, b, c in f]
-    path.write_text("\n".join(lines) + "\n")
+        parts.append(_rows("f %d %d %d\n", f))
+    path.write_text("".join(parts))
+
+
+def _rows(fmt: str, table: np.ndarray) -> str:
+    """One line per row of `table` (N x K), formatted by `fmt` (K conversions and its newline) in one
+    %-operation: a Python f-string per row took 0.1 s for a 12,788-vertex head."""
+    return (fmt * len(table)) % tuple(table.ravel().tolist())
 
 
 def read_obj(path) -> tuple[np.ndarray, np.ndarray]:
