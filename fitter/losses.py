@@ -7,6 +7,7 @@ renderer). Adding a term touches this file and one recipe key.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -99,10 +100,16 @@ def _pair_distance(points: Tensor, a: list[int], b: list[int]) -> Tensor:
     """|points[a_i] - points[b_i]| per pair: B x N x D -> B x pairs. The differences come from a
     +1/-1 matrix product, not tensor indexing, which the least-squares Jacobian would differentiate
     one column at a time (fitter.optimize.batched_jacobian)."""
-    diff = torch.zeros(len(a), points.shape[1], dtype=points.dtype, device=points.device)
+    return (_pair_matrix(tuple(a), tuple(b), points.shape[1]).to(points) @ points).norm(dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_matrix(a: tuple[int, ...], b: tuple[int, ...], n: int) -> Tensor:
+    """pairs x n: +1 at a_i, -1 at b_i in row i (made once per pair list: each fit step asks again)."""
+    diff = torch.zeros(len(a), n)
     diff[range(len(a)), a] += 1.0
     diff[range(len(b)), b] -= 1.0
-    return (diff @ points).norm(dim=-1)
+    return diff
 
 
 def relative_distance_loss(pred: Tensor, target: Tensor, a: list[int], b: list[int], res: int) -> Tensor:
