@@ -199,7 +199,7 @@ def test_lean_coeff_jacobian_is_the_points_derivative(synthetic_model_dir):
     """lean_coeff_jacobian (closed form: blendshapes through the blended rotations, joint blendshapes
     through the chain) against finite differences of the lean evaluation in float64, on a model with
     pose correctives and dense points, with heads turned far enough to pick different contour rows."""
-    model = FlameModel(load_model(synthetic_model_dir)).double()
+    model = FlameModel(load_model(synthetic_model_dir))
     rng = np.random.default_rng(5)
     model.attach_dense(rng.integers(0, model.faces.shape[0], 40), rng.dirichlet(np.ones(3), 40))
     model.double()
