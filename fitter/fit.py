@@ -226,9 +226,10 @@ def make_setup(model: FlameModel, recipe: Recipe, device: str = "cpu") -> FitSet
         module, warning = load_perceptual(recipe.perceptual)
         if module is not None:
             extra["perceptual"] = module.to(device)
-        else:  # 'auto' without VGG weights: the term is dropped, and fit.json says so
+        else:  # 'off', or 'auto' without VGG weights: the term is dropped (and for the latter fit.json says so)
             recipe = without_term(recipe, "perceptual")
-            warnings.append(warning)
+            if warning:
+                warnings.append(warning)
     albedo_model, warning = installed_albedo_model(model, device)  # texture space if installed and usable
     if warning:
         warnings.append(warning)

@@ -67,3 +67,17 @@ def test_auto_without_weights_imports_no_lpips(tmp_path):
             "print(sorted(m for m in ('lpips', 'torchvision', 'torch._dynamo') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_perceptual_off_drops_the_term_without_a_warning():
+    """A recipe whose stages weigh the perceptual term, run with perceptual = "off": the setup drops the
+    term and records no warning (it used to put None in fit.json's warnings)."""
+    from fitter.fit import make_setup
+    from fitter.recipe import load_recipe
+    from priors.flame import FlameModel
+    from tests.synthetic import synthetic_assets
+
+    recipe = load_recipe("quality", ["perceptual=off"])
+    assert recipe.uses("perceptual")
+    setup = make_setup(FlameModel(synthetic_assets()), recipe)
+    assert setup.warnings == [] and not setup.recipe.uses("perceptual") and "perceptual" not in setup.extra
