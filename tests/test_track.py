@@ -25,7 +25,8 @@ from fitter.track import (TrackOptions, clip_intrinsics, crop_camera, interpolat
 from priors.errors import ImageError, NoFaceError, RecipeError
 
 FRAMES, SIZE, GAP = 8, 160, 4  # frame GAP has no landmark file: a frame without a face
-SMALL = ["resolution=96", "track.keyframes=3", "stages.key_joint.iterations=30", "stages.frame_landmarks.iterations=5"]
+SMALL = ["resolution=96", "track.keyframes=3", "stages.key_joint.iterations=30", "stages.key_photometric.iterations=10",
+         "stages.frame_landmarks.iterations=5"]
 CONTRACT_KEYS = {"shape", "albedo", "exp", "global_pose", "neck_pose", "jaw_pose", "eye_pose", "R", "t", "landmarks2d",
                  "landmarks2d_target", "frame_ok", "K", "fps", "frames", "model", "recipe"}
 
