@@ -78,6 +78,13 @@ class Targets:
     dense: Tensor | None = None  # B x 478 x 2 crop pixels (MediaPipe), or None when no image has them
     dense_weights: Tensor | None = None  # B x 478, 0 for images without dense points
     trust: Tensor | None = None  # B: weight of the landmark terms (1 for given points, less for detected)
+    detected: Tensor | None = None  # B bool: landmarks from a detector (they weigh `trust`)
+
+    def trusting(self, detector_trust: float) -> Targets:
+        """The same targets with detected landmarks weighing detector_trust (a stage's own value)."""
+        if self.detected is None:  # no detected points in the batch
+            return self
+        return replace(self, trust=torch.where(self.detected, detector_trust, 1.0).float())
 
     def at_resolution(self, res: int) -> Targets:
         """The same targets for a smaller crop of res x res pixels (recipes allow a stage no more than
@@ -95,7 +102,7 @@ class Targets:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return Targets(self.image[rows], self.landmarks[rows], self.mask[rows], self.lmk_weights,
                        pick(self.focal), pick(self.principal), pick(self.dense), pick(self.dense_weights),
-                       pick(self.trust))
+                       pick(self.trust), pick(self.detected))
 
 
 def polygon_mask(points: np.ndarray, res: int) -> np.ndarray:
@@ -163,9 +170,10 @@ def stack_targets(targets: list[Target], region_weights: dict, device, detector_
                              for t in targets]).to(device)
         dense_w = torch.stack([torch.from_numpy(none[1] if t.dense_weights is None else t.dense_weights)
                                for t in targets]).to(device)
-    trust = torch.tensor([detector_trust if t.detected else 1.0 for t in targets], device=device)
+    detected = torch.tensor([t.detected for t in targets], device=device)
+    trust = torch.where(detected, detector_trust, 1.0).float()
     return Targets(img, lmk, mask, landmark_weights(region_weights).to(device), intr[:, 0], intr[:, 1:],
-                   dense, dense_w, trust)
+                   dense, dense_w, trust, detected)
 
 
 def attach_dense_embedding(setup: FitSetup, targets: Targets) -> Targets:
@@ -254,13 +262,18 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
     base = setup.recipe.resolution
     kept: dict = {}  # (stage, rows) -> (params, geometry) of a stage that fits appearance alone
     regions: dict = {}  # (stage, rows) -> the part of the mesh a stage moving the head renders
-    scaled: dict = {base: targets}  # crop size -> the targets at that size (stages with their own resolution)
+    scaled: dict = {base: targets}  # crop size (and a stage's own detector_trust) -> the targets at that size
 
     def at(stage: Stage) -> tuple[int, Targets]:
         res = stage.resolution or base
         if res not in scaled:
             scaled[res] = targets.at_resolution(res)
-        return res, scaled[res]
+        if stage.detector_trust is None:
+            return res, scaled[res]
+        key = (res, stage.detector_trust)
+        if key not in scaled:
+            scaled[key] = scaled[res].trusting(stage.detector_trust)
+        return res, scaled[key]
 
     def fixed_geometry(stage: Stage, rows: Tensor, chunk: FitParams, tgt: Targets, res: int) -> dict:
         """The model, normals and rasterization of a stage that moves no geometry: made once, reused."""

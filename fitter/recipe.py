@@ -56,7 +56,7 @@ TOP_KEYS = {
 }
 CAMERAS = ("pinhole", "ortho")
 STAGE_KEYS = {"iterations": int, "params": list, "weights": dict, "lr_scale": float,
-              "patience": int, "tol": float, "solver": str, "resolution": int}
+              "patience": int, "tol": float, "solver": str, "resolution": int, "detector_trust": float}
 SOLVERS = ("adam", "lm")
 LANDMARK_REGIONS = ("contour", "brows", "nose", "eyes", "mouth")
 
@@ -72,6 +72,7 @@ class Stage:
     tol: float = 1e-4
     solver: str = "adam"  # adam | lm (Levenberg-Marquardt: every term needs a least-squares form)
     resolution: int | None = None  # render and compare at this crop size (<= the recipe's): coarse-to-fine
+    detector_trust: float | None = None  # this stage's weight of detected landmarks (None: the recipe's)
 
 
 @dataclass
@@ -215,8 +216,11 @@ def parse_recipe(data: dict, name: str, source: str) -> Recipe:
         if stage_res is not None and not 32 <= stage_res <= resolution:
             raise RecipeError(f"{src}: '{where}.resolution' = {stage_res} must lie in 32..{resolution} (the "
                               "recipe's resolution: a stage renders the crop at that size or smaller)")
+        stage_trust = table.get("detector_trust")
+        if stage_trust is not None and not 0 < stage_trust <= 1:
+            raise RecipeError(f"{src}: '{where}.detector_trust' = {stage_trust} must be in (0, 1]")
         stages.append(Stage(sname, table["iterations"], list(table["params"]), weights, lr_scale,
-                            table.get("patience", 0), table.get("tol", 1e-4), solver, stage_res))
+                            table.get("patience", 0), table.get("tol", 1e-4), solver, stage_res, stage_trust))
     return Recipe(name, source, data.get("description", ""), resolution, perceptual, lr, stages, lmk_w,
                   shape_mode, data.get("consistency_margin", 0.5), detector_trust=detector_trust, camera=camera,
                   render_faces=render_faces, raw=data)

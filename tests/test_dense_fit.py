@@ -73,6 +73,36 @@ def test_detector_trust_scales_the_landmark_terms():
         torch.testing.assert_close((r ** 2).sum(1), (r1 ** 2).sum(1) * torch.tensor([1.0, 0.1]))
 
 
+def test_a_stages_own_detector_trust_weighs_detected_points_only(synthetic_model_dir):
+    """A stage's detector_trust replaces the recipe's for that stage: a detected image's landmark
+    terms scale by their ratio (in the Adam and the least-squares forms), a given image's stay."""
+    from fitter.fit import load_flame
+
+    m = load_flame(synthetic_model_dir)
+    stage = {"iterations": 1, "params": ["exp"], "weights": {"landmark": 1.0, "eye_closure": 0.5}}
+    data = {"detector_trust": 0.5, "lr": {"exp": 0.01},
+            "stages": {"a": dict(stage), "b": {**stage, "detector_trust": 0.125}}}
+    recipe = parse_recipe(data, "t", "t")
+    assert [s.detector_trust for s in recipe.stages] == [None, 0.125]
+    B, res = 2, 64
+    torch.manual_seed(3)
+    params = FitParams.initial(B, m.n_shape, m.n_exp, m.n_verts)
+    params.cam = torch.tensor([[7.5, 0.0, 0.0, 2.4, 0.0, 0.0]]).repeat(B, 1)
+    detected = torch.tensor([False, True])  # image 0 given (trust 1), image 1 detected (the recipe's 0.5)
+    targets = Targets(torch.zeros(B, 3, res, res), torch.rand(B, 68, 2) * res, torch.ones(B, 1, res, res),
+                      torch.ones(68), torch.tensor([2.4, 2.4]), torch.zeros(B, 2), trust=torch.tensor([1.0, 0.5]),
+                      detected=detected)
+    objective = make_objective(make_setup(m, recipe), targets)
+    rows = torch.arange(B)
+    _, terms_a = objective(params, recipe.stages[0], rows)
+    _, terms_b = objective(params, recipe.stages[1], rows)
+    for name in ("landmark", "eye_closure"):
+        torch.testing.assert_close(terms_b[name], terms_a[name] * torch.tensor([1.0, 0.25]))
+    ra = objective.residuals(params, recipe.stages[0], rows)
+    rb = objective.residuals(params, recipe.stages[1], rows)
+    torch.testing.assert_close((rb ** 2).sum(1), (ra ** 2).sum(1) * torch.tensor([1.0, 0.25]))
+
+
 def test_the_landmark_stages_jacobian_through_the_models_points(synthetic_model_dir):
     """objective.residual_jacobian (the chain rule through the model's points, their coefficient
     derivative in closed form) gives autodiff's Jacobian of the same residuals, on a model with pose

@@ -34,6 +34,7 @@ def test_override_sets_a_field():
     ("stages.photometric.resolution=448", "'stages.photometric.resolution' = 448 must lie in 32..128"),
     ("stages.photometric.resolution=16", "must lie in 32..128"),
     ("render_faces=500", "'render_faces' = 500 must be 0 (the model's own mesh) or >= 1000"),
+    ("stages.photometric.detector_trust=1.5", "'stages.photometric.detector_trust' = 1.5 must be in (0, 1]"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(RecipeError) as err:
