@@ -274,10 +274,11 @@ def _edge_values(x: Tensor, y: Tensor, p: Tensor) -> Tensor:
 
     x, y: 3 x N corner coordinates, p: 2 x N points. Returns 3 x N, differentiable.
     """
-    px, py = p[0], p[1]
+    px, py = p.unbind(0)  # unbind, not indexing: one backward op, not a zero-filled copy per row
+    xs, ys = x.unbind(0), y.unbind(0)
 
     def cross(i: int, j: int) -> Tensor:  # edge from corner i to corner j
-        return (x[j] - x[i]) * (py - y[i]) - (y[j] - y[i]) * (px - x[i])
+        return (xs[j] - xs[i]) * (py - ys[i]) - (ys[j] - ys[i]) * (px - xs[i])
 
     return torch.stack([cross(1, 2), cross(2, 0), cross(0, 1)], dim=0)
 
@@ -312,8 +313,10 @@ def rasterize(verts: Tensor, faces: Tensor, height: int, width: int, cull_back: 
     face = p2f.view(-1).index_select(0, pix_idx)
     x, y, z = _hit_corners(verts, faces, pix_idx, face, height * width)
     w = _edge_values(x, y, _pixel_centres(pix_idx, height, width, verts.dtype))
-    bary_hit = w / (w[0] + w[1] + w[2])
-    z_hit = bary_hit[0] * z[0] + bary_hit[1] * z[1] + bary_hit[2] * z[2]
+    w0, w1, w2 = w.unbind(0)
+    bary_hit = w / (w0 + w1 + w2)
+    (b0, b1, b2), (z0, z1, z2) = bary_hit.unbind(0), z.unbind(0)
+    z_hit = b0 * z0 + b1 * z1 + b2 * z2
     return Fragments(
         pix_to_face=p2f,
         bary=_scatter(bary_hit, pix_idx, n, 0.0).t().view(bsz, height, width, 3),
@@ -339,7 +342,9 @@ def _interpolate_cf(attrs: Tensor, faces: Tensor, frags: Fragments) -> Tensor:
     face = frags.pix_to_face.reshape(-1).index_select(0, pix_idx)
     corner = _hit_corners(attrs, faces, pix_idx, face, height * width)  # C x 3 x N
     bary = bary_hit.to(attrs.dtype)
-    vals = corner[:, 0] * bary[0] + corner[:, 1] * bary[1] + corner[:, 2] * bary[2]
+    c0, c1, c2 = corner.unbind(1)
+    b0, b1, b2 = bary.unbind(0)
+    vals = c0 * b0 + c1 * b1 + c2 * b2
     return _scatter(vals, pix_idx, bsz * height * width, 0.0)
 
 

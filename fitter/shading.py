@@ -52,7 +52,8 @@ def vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
     nf = faces.shape[0]
     ids = (faces.reshape(1, -1) + nv * torch.arange(bsz, device=faces.device)[:, None]).reshape(-1)
     c = verts.reshape(bsz * nv, 3).index_select(0, ids).view(bsz, nf, 3, 3)  # rows: a fast gather and backward
-    fn = cross(c[:, :, 1] - c[:, :, 0], c[:, :, 2] - c[:, :, 0])  # B x F x 3, length = 2 x area
+    c0, c1, c2 = c.unbind(2)
+    fn = cross(c1 - c0, c2 - c0)  # B x F x 3, length = 2 x area
     summed = _CornerSum.apply(fn.permute(1, 0, 2).reshape(nf, bsz * 3), faces, nv)
     return torch.nn.functional.normalize(summed.view(nv, bsz, 3).permute(1, 0, 2), dim=-1, eps=1e-12)
 
