@@ -81,7 +81,8 @@ class Targets:
     detected: Tensor | None = None  # B bool: landmarks from a detector (they weigh `trust`)
 
     def trusting(self, detector_trust: float) -> Targets:
-        """The same targets with detected landmarks weighing detector_trust (a stage's own value)."""
+        """The same targets with detected landmarks weighing detector_trust (the recipe's, or a stage's
+        own), given ones 1."""
         if self.detected is None:  # no detected points in the batch
             return self
         return replace(self, trust=torch.where(self.detected, detector_trust, 1.0).float())
@@ -171,9 +172,8 @@ def stack_targets(targets: list[Target], region_weights: dict, device, detector_
         dense_w = torch.stack([torch.from_numpy(none[1] if t.dense_weights is None else t.dense_weights)
                                for t in targets]).to(device)
     detected = torch.tensor([t.detected for t in targets], device=device)
-    trust = torch.where(detected, detector_trust, 1.0).float()
     return Targets(img, lmk, mask, landmark_weights(region_weights).to(device), intr[:, 0], intr[:, 1:],
-                   dense, dense_w, trust, detected)
+                   dense, dense_w, detected=detected).trusting(detector_trust)
 
 
 def attach_dense_embedding(setup: FitSetup, targets: Targets) -> Targets:
