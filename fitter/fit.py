@@ -182,13 +182,20 @@ def attach_dense_embedding(setup: FitSetup, targets: Targets) -> Targets:
     the embedding's per-point confidence into the targets' weights."""
     if targets.dense is None or not setup.recipe.uses("dense_landmark"):
         return targets
-    from priors.dense_embedding import dense_embedding_for, dense_weights
+    from priors.dense_embedding import dense_embedding_for
 
     if "dense_confidence" not in setup.extra:
-        emb = dense_embedding_for(setup.model)
-        setup.model.attach_dense(emb.faces, emb.bary)
-        setup.extra["dense_confidence"] = torch.from_numpy(dense_weights(emb)).to(setup.device)
+        use_dense_embedding(setup, dense_embedding_for(setup.model))
     return replace(targets, dense_weights=targets.dense_weights * setup.extra["dense_confidence"])
+
+
+def use_dense_embedding(setup: FitSetup, emb) -> None:
+    """Make the setup's model evaluate this MediaPipe embedding (a DenseEmbedding) from now on, its
+    per-point confidence folded into the targets' weights (attach_dense_embedding)."""
+    from priors.dense_embedding import dense_weights
+
+    setup.model.attach_dense(emb.faces, emb.bary)
+    setup.extra["dense_confidence"] = torch.from_numpy(dense_weights(emb)).to(setup.device)
 
 
 # ----------------------------------------------------------------------------- model

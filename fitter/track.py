@@ -23,6 +23,7 @@ last finished frame. track.npz and track.json are written atomically at the end.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -41,8 +42,8 @@ from priors.flame import FlameModel
 from . import detect, io
 from .camera import crop_intrinsics, default_focal_px
 from .filters import one_euro
-from .fit import (FitSetup, Target, fit_targets, initial_params, load_flame, make_setup, polygon_mask, stack_targets,
-                  without_term)
+from .fit import (FitResult, FitSetup, Target, fit_targets, initial_params, load_flame, make_setup, polygon_mask,
+                  stack_targets, use_dense_embedding, without_term)
 from .fitset import Identity, fit_identity
 from .losses import camera_translation, temporal_values
 from .optimize import Progress
@@ -58,7 +59,7 @@ CAMERA_MODES = ("fixed", "moving")
 # the temporal terms of the translation and of the head's rotation; the neck's, jaw's, eyes' and the
 # expression's terms stay
 MOVING_DROPS = ("trans_velocity", "trans_accel", "head_velocity", "head_accel")
-FORMAT = 2  # bump when the .partial layout changes (old partial folders are then started over)
+FORMAT = 3  # bump when the .partial layout changes (old partial folders are then started over)
 
 
 # ----------------------------------------------------------------------------- options
@@ -73,6 +74,7 @@ class TrackOptions:
     beta: float = 2.0  # cut-off rise per (face size / second) of landmark speed
     d_cutoff: float = 1.0  # Hz
     camera: str = "fixed"  # fixed (the head moves before one still camera) | moving (handheld: see MOVING_DROPS)
+    person_points: bool = True  # detected points' places on the head moved to where the keyframes put them
 
 
 def track_options(recipe: Recipe) -> TrackOptions:
@@ -436,19 +438,22 @@ class PartialDir:
             "raw": det.raw, "seconds": det.seconds, "warnings": np.array(json.dumps(det.warnings)),
             "detected": np.bool_(det.detected), **dense})
 
-    def load_identity(self) -> tuple[Identity, float, str, list[str]] | None:
+    def load_identity(self) -> tuple[Identity, float, str, list[str], dict[str, np.ndarray]] | None:
+        """(identity, focal px, its source, warnings, person_points' arrays)."""
         path = self.root / "identity.npz"
         if not path.is_file():
             return None
         d = _load_npz(path)
         ident = Identity(d["shape"], d["albedo"], [str(n) for n in d["images"]], "shared", 0.0)
-        return ident, float(d["focal_px"]), str(d["focal_source"]), [str(w) for w in d["warnings"]]
+        person = {k[len("person_"):]: v for k, v in d.items() if k.startswith("person_")}
+        return ident, float(d["focal_px"]), str(d["focal_source"]), [str(w) for w in d["warnings"]], person
 
-    def save_identity(self, ident: Identity, focal_px: float, focal_source: str, warnings: list[str]) -> None:
+    def save_identity(self, ident: Identity, focal_px: float, focal_source: str, warnings: list[str],
+                      person: dict[str, np.ndarray]) -> None:
         _save_npz(self.root / "identity.npz", {
             "shape": ident.shape.astype(np.float32), "albedo": ident.albedo.astype(np.float32),
             "images": np.array(ident.images), "focal_px": np.float64(focal_px), "focal_source": np.array(focal_source),
-            "warnings": np.array(warnings, dtype=str)})
+            "warnings": np.array(warnings, dtype=str), **{f"person_{k}": v for k, v in person.items()}})
 
     def frame_path(self, k: int) -> Path:
         return self.root / "frames" / f"{k:06d}.npz"
@@ -499,6 +504,48 @@ def fit_keyframe_identity(setups: TrackSetups, targets: list[Target], progress: 
                         initializer=(lambda _: start) if start is not None else None)
 
 
+def person_points(setup: FitSetup, det: Detections, keys: np.ndarray, key_results: list[FitResult]
+                  ) -> dict[str, np.ndarray]:
+    """Where the detector's points sit on this person's head, from the keyframes' fits and detections
+    (priors.dense_embedding.refit_embedding): MediaPipe's dense points but the iris ("dense_faces",
+    "dense_bary"), when the frames weigh them, and the 51 inner points of the 68 ("static_faces",
+    "static_bary"; the jaw's contour follows the silhouette and is not moved). Empty for landmark files
+    (they are exact)."""
+    if not det.detected:
+        return {}
+    from priors.dense_embedding import IRIS, dense_embedding_for, dense_weights, model_mesh, refit_embedding
+
+    model = setup.model
+    template, faces = model_mesh(model)
+    posed = np.stack([r.vertices @ r.R.T + r.t for r in key_results])
+    K = np.stack([r.K for r in key_results])
+    part = model.weights.cpu().numpy()[faces].mean(1).argmax(1)  # the joint that moves each triangle most
+    out = {}
+    if model.has_landmarks:
+        points = det.landmarks[keys][:, 17:]
+        out["static_faces"], out["static_bary"] = refit_embedding(
+            model.static_faces.cpu().numpy(), model.static_bary.cpu().numpy(), template, faces, posed, K, points,
+            np.isfinite(points).all(-1).astype(np.float64), labels=part)
+    if det.dense is not None and setup.recipe.uses("dense_landmark"):
+        emb = dense_embedding_for(model)
+        weights = det.dense_weights[keys] * dense_weights(emb)[None]
+        weights[:, list(IRIS)] = 0.0  # the keyframes do not fit the gaze: the iris points stay
+        out["dense_faces"], out["dense_bary"] = refit_embedding(emb.faces, emb.bary, template, faces, posed, K,
+                                                                det.dense[keys], weights, labels=part)
+    return out
+
+
+def use_person_points(setup: FitSetup, points: dict[str, np.ndarray]) -> None:
+    """Make the setup's model evaluate person_points' places (from now on: call it on a model of its own)."""
+    if "static_faces" in points:
+        setup.model.place_static_landmarks(points["static_faces"], points["static_bary"])
+    if "dense_faces" in points:
+        from priors.dense_embedding import dense_embedding_for
+
+        emb = dense_embedding_for(setup.model)
+        use_dense_embedding(setup, replace(emb, faces=points["dense_faces"], bary=points["dense_bary"]))
+
+
 def track_video(source, out_dir, recipe: str | Recipe = "track", model=None, landmarks=None, detector: str = "auto",
                 device: str = "cpu", start: int = 0, end: int | None = None, every: int = 1,
                 progress: Progress | None = None, on_frame: Callable[[int, dict], None] | None = None,
@@ -509,6 +556,8 @@ def track_video(source, out_dir, recipe: str | Recipe = "track", model=None, lan
     started = time.perf_counter()
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     flame = load_flame(model, device)
+    if flame is model:  # use_person_points moves points on the model: not on the caller's
+        flame = copy.deepcopy(flame)
     setups = track_setups(flame, recipe, device)
     src = source if isinstance(source, io.FrameSource) else io.FrameSource(source, start, end, every)
     lmk_dir = Path(landmarks) if landmarks is not None else None
@@ -539,9 +588,11 @@ def track_video(source, out_dir, recipe: str | Recipe = "track", model=None, lan
             focal_px = float(np.median([r.K[0, 0] for r in key_results]))
             focal_source = "keyframes"
         warnings = list(dict.fromkeys(setups.frame.warnings))
-        partial.save_identity(identity, focal_px, focal_source, warnings)
+        person = person_points(setups.frame, det, keys, key_results) if setups.options.person_points else {}
+        partial.save_identity(identity, focal_px, focal_source, warnings, person)
     else:
-        identity, focal_px, focal_source, warnings = loaded
+        identity, focal_px, focal_source, warnings, person = loaded
+    use_person_points(setups.frame, person)
 
     records: list[dict] = []
     fitted = 0

@@ -651,3 +651,72 @@ def derive_dense_embedding(model, detector: Detector | None = None, views=DEFAUL
     emb, _ = solve_dense_embedding(template.astype(np.float64), faces, eyes, rendered, detections, outer)
     return emb
 
+
+
+# ----------------------------------------------------------------------------- one person's embedding
+REFIT_RADIUS = 0.012  # metres: how far on the template a point may move for one person
+REFIT_SIGMA_MOVE = 0.005  # metres: the prior's scale on that move
+REFIT_SIGMA_DET = 0.002  # metres at the face: the detector's own scatter per point and view
+REFIT_BARY_STEPS = 2  # barycentric grid per candidate triangle (corners and edge middles: ~1 mm apart on the
+# stand-in's 2 mm triangles)
+
+
+def _bary_grid(steps: int) -> np.ndarray:
+    return np.array([(i, j, steps - i - j) for i in range(steps + 1) for j in range(steps + 1 - i)],
+                    np.float64) / steps
+
+
+def refit_embedding(face: np.ndarray, bary: np.ndarray, template: np.ndarray, faces: np.ndarray,
+                    posed: np.ndarray, K: np.ndarray, detections: np.ndarray, weights: np.ndarray,
+                    radius: float = REFIT_RADIUS, sigma_move: float = REFIT_SIGMA_MOVE,
+                    sigma_det: float = REFIT_SIGMA_DET, steps: int = REFIT_BARY_STEPS,
+                    labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Surface points (face N, bary N x 3) moved to where one person's detections put them.
+
+    A detector places its points on a face by what it learnt of faces in general; on one person it
+    misses some of them the same way in every view (MediaPipe's leans towards its mean face). Given fits
+    of that person in several views (posed vertices K x V x 3 in camera space, OpenCV axes, with their
+    intrinsics K x 3 x 3) and the detections there (K x N x 2 pixels, weights K x N), each point moves to
+    the surface point within `radius` of it on the template (V x 3; faces F x 3; the candidates are
+    triangles facing the same way as the point's own and with its label, labels F, when given, e.g. the
+    joint that moves them, so that a point on the upper lip cannot become one on the lower lip; they are
+    sampled on a barycentric grid) that minimises
+
+        sum_k w_k |detection_k - projection_k|^2 / (sigma_det * f_k / z_k)^2 + |move|^2 / sigma_move^2,
+
+    the reprojection error in pixels scaled to metres at the point's depth z_k, plus a Gaussian prior on
+    the move. A point with no weight in any view stays where it was (the prior's minimum)."""
+    template = np.asarray(template, np.float64)
+    tri = template[faces]
+    centroid = tri.mean(1)
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-18)
+    size = np.linalg.norm(tri - centroid[:, None], axis=2).max(1)  # a triangle lies within this of its centroid
+    grid = _bary_grid(steps)
+    out_f, out_b = face.astype(np.int64).copy(), np.asarray(bary, np.float64).copy()
+    here = surface_points(template, faces, out_f, out_b)
+    posed = np.asarray(posed, np.float64)
+    fx, fy, cx, cy = (np.asarray(K, np.float64)[:, i, j][:, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
+    seen = np.nonzero(np.asarray(weights).sum(0) > 0)[0]
+    for chunk in np.array_split(seen, max(1, len(seen) // 64)):
+        d2 = (centroid ** 2).sum(1)[None] + (here[chunk] ** 2).sum(1)[:, None] - 2 * here[chunk] @ centroid.T
+        reach = d2 < (radius + size[None]) ** 2
+        reach &= (normal[out_f[chunk]] @ normal.T) > 0.5  # facing the point's own way (not the mouth's inside)
+        if labels is not None:
+            reach &= labels[out_f[chunk]][:, None] == labels[None]
+        for n, row in zip(chunk, reach, strict=True):
+            near = np.union1d(np.nonzero(row)[0], out_f[n:n + 1])
+            cand_f = np.concatenate([np.repeat(near, len(grid)), out_f[n:n + 1]])  # and the point's own place
+            cand_b = np.concatenate([np.tile(grid, (len(near), 1)), out_b[n:n + 1]])
+            move = np.linalg.norm(surface_points(template, faces, cand_f, cand_b) - here[n], axis=1)
+            keep = move <= radius
+            cand_f, cand_b, move = cand_f[keep], cand_b[keep], move[keep]
+            pts = np.einsum("kcij,ci->kcj", posed[:, faces[cand_f]], cand_b)  # K x C x 3
+            z = pts[..., 2].clip(1e-6)
+            u, v = fx * pts[..., 0] / z + cx, fy * pts[..., 1] / z + cy
+            det = detections[:, n]
+            err = ((u - det[:, :1]) ** 2 + (v - det[:, 1:]) ** 2) / (sigma_det * fx / z) ** 2  # in sigma_det units
+            cost = np.nan_to_num(weights[:, n:n + 1] * err, nan=0.0).sum(0) + (move / sigma_move) ** 2
+            best = int(np.argmin(cost))
+            out_f[n], out_b[n] = cand_f[best], cand_b[best]
+    return out_f, out_b.astype(np.float32)

@@ -247,6 +247,18 @@ class FlameModel(nn.Module):
         self.register_buffer("lmk_full_ids", ids[n_static:n_static + n_full])
         self.register_buffer("lmk_dynamic_ids", ids[n_static + n_full:].view(R, C))
 
+    def place_static_landmarks(self, faces: np.ndarray, bary: np.ndarray) -> None:
+        """Move the 51 static landmarks (17..67 of the 68: brows, nose, eyes, mouth) to other surface points
+        (a triangle and barycentric weights each, 51 and 51 x 3), in the static and the fixed-contour set
+        alike; the contour's candidates stay."""
+        dev = self.faces.device
+        self.static_faces = torch.as_tensor(np.asarray(faces, np.int64), device=dev)
+        self.static_bary = torch.as_tensor(np.asarray(bary, np.float32), device=dev)
+        n = self.static_faces.shape[0]
+        self.full_faces = torch.cat([self.full_faces[:-n], self.static_faces])
+        self.full_bary = torch.cat([self.full_bary[:-n], self.static_bary])
+        self._init_landmark_points()
+
     def attach_dense(self, faces: np.ndarray, bary: np.ndarray) -> None:
         """Evaluate a dense landmark embedding (a triangle and barycentric weights per point, N and
         N x 3) with every forward pass, lean ones included: FlameOutput.dense is then B x N x 3.

@@ -403,3 +403,71 @@ def test_composed_landmarks_recover_known_surface_points(synth):
     with pytest.raises(AssetError, match=r"point\(s\) \[9\] have no place") as exc:
         DE.composed_landmarks(emb, [(0,), (8, 9)], template, faces)
     assert "\n" not in str(exc.value)
+
+
+def _views(template: np.ndarray, angles) -> tuple[np.ndarray, np.ndarray]:
+    """The template turned by (yaw, pitch) radians, 0.6 m in front of an OpenCV camera (x right, y down,
+    z forward; the model's y up and z towards the viewer) -> (posed K x V x 3, intrinsics K x 3 x 3)."""
+    posed = []
+    for yaw, pitch in angles:
+        cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
+        rot = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        p = template @ rot.T
+        posed.append(np.stack([p[:, 0], -p[:, 1], 0.6 - p[:, 2]], 1))
+    K = np.array([[1000.0, 0, 256], [0, 1000.0, 256], [0, 0, 1]])
+    return np.stack(posed), np.tile(K, (len(angles), 1, 1))
+
+
+def _project(points: np.ndarray, K: np.ndarray) -> np.ndarray:
+    return points[..., :2] / points[..., 2:] * K[0, 0] + K[0, 2]
+
+
+def test_refit_embedding_moves_points_to_where_the_views_see_them(synth):
+    """Views of a known head whose detections sit at other surface points than the embedding's (the same
+    place in every view, as a detector's bias on one person): each point moves to the detected place when
+    that place is a candidate (within the radius, a grid barycentric); a point detected where it is, or
+    weighed 0 in every view, stays; a strong prior keeps every point; no point goes beyond the radius;
+    none goes to a triangle of another label."""
+    template, faces = DE.model_mesh(synth)
+    template = template.astype(np.float64)
+    eye_face = DE.eyeball_vertices(synth.weights)[faces].all(1)
+    centroid = template[faces].mean(1)
+    front = np.nonzero(~eye_face & (centroid[:, 2] > 0.08) & (np.abs(centroid[:, 0]) < 0.04))[0]
+    rng = np.random.default_rng(1)
+    own = rng.choice(front, 4, replace=False)
+    face, bary = own.copy(), np.full((4, 3), 1 / 3)
+    # targets: a neighbouring triangle's grid point (0.5, 0.5, 0), an edge's middle; point 2 detected where it is
+    target_f = np.array([int(np.nonzero((faces == faces[f][0]).any(1) & (np.arange(len(faces)) != f))[0][0])
+                         for f in own])
+    target_b = np.tile([0.5, 0.5, 0.0], (4, 1))
+    target_f[2], target_b[2] = face[2], bary[2]
+    posed, K = _views(template, [(0.0, 0.0), (0.35, 0.0), (-0.35, 0.1), (0.15, -0.2)])
+    where = np.stack([DE.surface_points(p, faces, target_f, target_b) for p in posed])
+    det = _project(where, K[0])
+    weights = np.ones((4, 4))
+    weights[:, 3] = 0.0  # point 3: nothing seen
+    kwargs = dict(radius=0.03, sigma_move=1.0)
+    got_f, got_b = DE.refit_embedding(face, bary, template, faces, posed, K, det, weights, **kwargs)
+    got = DE.surface_points(template, faces, got_f, got_b)
+    want = DE.surface_points(template, faces, target_f, target_b)
+    start = DE.surface_points(template, faces, face, bary)
+    assert np.linalg.norm(want[:2] - start[:2], axis=1).min() > 0.004  # the targets are real moves
+    np.testing.assert_allclose(got[:3], want[:3], atol=1e-6)
+    np.testing.assert_allclose(got[3], start[3], atol=1e-9)
+    assert got_b.dtype == np.float32 and np.allclose(got_b.sum(1), 1, atol=1e-6) and (got_b >= 0).all()
+    # a prior far stronger than the views: nothing moves
+    kept_f, kept_b = DE.refit_embedding(face, bary, template, faces, posed, K, det, weights, radius=0.03,
+                                        sigma_move=1e-6)
+    np.testing.assert_allclose(DE.surface_points(template, faces, kept_f, kept_b), start, atol=1e-9)
+    # a radius smaller than the moves: each point stays within it
+    near_f, near_b = DE.refit_embedding(face, bary, template, faces, posed, K, det, weights, radius=0.002,
+                                        sigma_move=1.0)
+    moved = np.linalg.norm(DE.surface_points(template, faces, near_f, near_b) - start, axis=1)
+    assert (moved <= 0.002 + 1e-9).all()
+    # labels (e.g. the joint that moves a triangle): point 0's target triangle is another part, so point 0
+    # stays on triangles of its own part, while point 1, whose target shares its label, still gets there
+    labels = np.zeros(len(faces), np.int64)
+    labels[target_f[0]] = 1
+    part_f, part_b = DE.refit_embedding(face, bary, template, faces, posed, K, det, weights, labels=labels, **kwargs)
+    assert labels[part_f[0]] == 0 and labels[part_f[1]] == 0 and labels[face[1]] == 0
+    np.testing.assert_allclose(DE.surface_points(template, faces, part_f[1:2], part_b[1:2]), want[1:2], atol=1e-6)

@@ -195,6 +195,28 @@ def test_landmarks_and_joints_match_the_posed_mesh(synthetic_model_dir):
     torch.testing.assert_close(out.vertices, verts, atol=1e-6, rtol=0)
 
 
+def test_placed_static_landmarks_are_evaluated_where_placed(synthetic_model_dir):
+    """place_static_landmarks moves the 51 inner landmarks (17..67) in both the dynamic-contour and the
+    fixed-contour sets, to the given surface points (checked at the rest pose, where a skinned surface
+    point is exactly its corners interpolated); the contour points stay; the lean evaluation agrees."""
+    model = FlameModel(load_model(synthetic_model_dir))
+    rng = np.random.default_rng(5)
+    f = rng.integers(0, model.faces.shape[0], 51)
+    b = rng.dirichlet(np.ones(3), 51).astype(np.float32)
+    p = zeros(model, B=2)
+    p["shape"], p["exp"] = torch.randn(2, model.n_shape), torch.randn(2, model.n_exp)
+    before = model(**p)
+    model.place_static_landmarks(f, b)
+    out = model(**p)
+    want = _posed_bary(out.vertices, model.faces, torch.as_tensor(f), torch.as_tensor(b))
+    torch.testing.assert_close(out.landmarks3d_full[:, 17:], want, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out.landmarks3d[:, 17:], want, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out.landmarks3d[:, :17], before.landmarks3d[:, :17])
+    torch.testing.assert_close(out.landmarks3d_full[:, :17], before.landmarks3d_full[:, :17])
+    assert (out.landmarks3d[:, 17:] - before.landmarks3d[:, 17:]).norm(dim=-1).min() > 0  # they did move
+    torch.testing.assert_close(model(**p, lean=True).landmarks3d, out.landmarks3d, atol=2e-6, rtol=0)
+
+
 def test_lean_coeff_jacobian_is_the_points_derivative(synthetic_model_dir):
     """lean_coeff_jacobian (closed form: blendshapes through the blended rotations, joint blendshapes
     through the chain) against finite differences of the lean evaluation in float64, on a model with

@@ -329,6 +329,8 @@ def test_resume_after_interruption_refits_nothing_and_matches(cli_track, clip, s
     done = sorted(p.name for p in (tmp_path / ".partial" / "frames").iterdir())
     assert done == [f"{k:06d}.npz" for k in range(stop_after + 1)]
     assert not (tmp_path / "track.npz").exists()
+    with np.load(tmp_path / ".partial" / "identity.npz") as d:  # landmark files are exact: no point is moved
+        assert not [k for k in d.files if k.startswith("person_")]
     fitted = []
     track = track_video(folder, tmp_path, model=standin_model, landmarks=lmk_dir, overrides=SMALL,
                         on_frame=lambda k, rec: fitted.append(k))
@@ -505,8 +507,11 @@ def test_resume_keeps_the_dense_detections(dense_clip, dense_track, standin_path
     assert len(calls) == FRAMES
     with np.load(tmp_path / ".partial" / "detections.npz") as d:
         assert d["dense"].shape == (FRAMES, 478, 2) and bool(d["detected"])
+    with np.load(tmp_path / ".partial" / "identity.npz") as d:  # the person's points, for the frames to come
+        assert d["person_dense_faces"].shape == (478,) and d["person_static_bary"].shape == (51, 3)
     resumed = track_video(folder, tmp_path, model=model, detector="mediapipe", overrides=SMALL)
     assert len(calls) == FRAMES and resumed.report["resumed"] and resumed.fitted_frames == FRAMES - 3
+    assert not model.has_dense  # the caller's model is not the one whose points were moved
     for key in CONTRACT_KEYS - {"frames", "model", "recipe"}:
         np.testing.assert_allclose(resumed.arrays[key], dense_track[0].arrays[key], rtol=0, atol=1e-5, err_msg=key)
 
