@@ -657,6 +657,8 @@ def derive_dense_embedding(model, detector: Detector | None = None, views=DEFAUL
 REFIT_RADIUS = 0.012  # metres: how far on the template a point may move for one person
 REFIT_SIGMA_MOVE = 0.005  # metres: the prior's scale on that move
 REFIT_SIGMA_DET = 0.002  # metres at the face: the detector's own scatter per point and view
+REFIT_ROBUST = 4.0  # sigma_det units: a view's error past this counts less and less (Cauchy), so that one
+# bad keyframe (a blink, a hand, a wrong fit) cannot drag a point that the other views hold
 REFIT_BARY_STEPS = 2  # barycentric grid per candidate triangle (corners and edge middles: ~1 mm apart on the
 # stand-in's 2 mm triangles)
 
@@ -670,7 +672,7 @@ def refit_embedding(face: np.ndarray, bary: np.ndarray, template: np.ndarray, fa
                     posed: np.ndarray, K: np.ndarray, detections: np.ndarray, weights: np.ndarray,
                     radius: float = REFIT_RADIUS, sigma_move: float = REFIT_SIGMA_MOVE,
                     sigma_det: float = REFIT_SIGMA_DET, steps: int = REFIT_BARY_STEPS,
-                    labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    labels: np.ndarray | None = None, robust: float = REFIT_ROBUST) -> tuple[np.ndarray, np.ndarray]:
     """Surface points (face N, bary N x 3) moved to where one person's detections put them.
 
     A detector places its points on a face by what it learnt of faces in general; on one person it
@@ -682,10 +684,12 @@ def refit_embedding(face: np.ndarray, bary: np.ndarray, template: np.ndarray, fa
     joint that moves them, so that a point on the upper lip cannot become one on the lower lip; they are
     sampled on a barycentric grid) that minimises
 
-        sum_k w_k |detection_k - projection_k|^2 / (sigma_det * f_k / z_k)^2 + |move|^2 / sigma_move^2,
+        sum_k w_k rho(|detection_k - projection_k|^2 / (sigma_det * f_k / z_k)^2) + |move|^2 / sigma_move^2,
 
-    the reprojection error in pixels scaled to metres at the point's depth z_k, plus a Gaussian prior on
-    the move. A point with no weight in any view stays where it was (the prior's minimum)."""
+    the reprojection error in pixels scaled to metres at the point's depth z_k, through Cauchy's
+    rho(e) = robust^2 log(1 + e / robust^2) (about e while small; one wild view cannot outweigh the
+    others), plus a Gaussian prior on the move. A point with no weight in any view stays where it was
+    (the prior's minimum)."""
     template = np.asarray(template, np.float64)
     tri = template[faces]
     centroid = tri.mean(1)
@@ -716,6 +720,7 @@ def refit_embedding(face: np.ndarray, bary: np.ndarray, template: np.ndarray, fa
             u, v = fx * pts[..., 0] / z + cx, fy * pts[..., 1] / z + cy
             det = detections[:, n]
             err = ((u - det[:, :1]) ** 2 + (v - det[:, 1:]) ** 2) / (sigma_det * fx / z) ** 2  # in sigma_det units
+            err = robust ** 2 * np.log1p(err / robust ** 2)
             cost = np.nan_to_num(weights[:, n:n + 1] * err, nan=0.0).sum(0) + (move / sigma_move) ** 2
             best = int(np.argmin(cost))
             out_f[n], out_b[n] = cand_f[best], cand_b[best]

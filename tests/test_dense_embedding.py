@@ -471,3 +471,26 @@ def test_refit_embedding_moves_points_to_where_the_views_see_them(synth):
     part_f, part_b = DE.refit_embedding(face, bary, template, faces, posed, K, det, weights, labels=labels, **kwargs)
     assert labels[part_f[0]] == 0 and labels[part_f[1]] == 0 and labels[face[1]] == 0
     np.testing.assert_allclose(DE.surface_points(template, faces, part_f[1:2], part_b[1:2]), want[1:2], atol=1e-6)
+
+
+def test_refit_embedding_is_not_dragged_by_one_wild_view(synth):
+    """Five views agree that a point sits where it is; a sixth puts it 40 px away, at the place of a
+    surface point within reach. With the robust (Cauchy) view cost the point stays; with robust so large
+    that the cost is the plain square, the one view drags it off."""
+    template, faces = DE.model_mesh(synth)
+    template = template.astype(np.float64)
+    eye_face = DE.eyeball_vertices(synth.weights)[faces].all(1)
+    centroid = template[faces].mean(1)
+    own = np.nonzero(~eye_face & (centroid[:, 2] > 0.08) & (np.abs(centroid[:, 0]) < 0.04))[0][:1]
+    face, bary = own.copy(), np.full((1, 3), 1 / 3)
+    posed, K = _views(template, [(0.0, 0.0), (0.2, 0.0), (-0.2, 0.0), (0.0, 0.15), (0.0, -0.15), (0.3, 0.1)])
+    det = _project(np.stack([DE.surface_points(p, faces, face, bary) for p in posed]), K[0])
+    det[-1] += 40.0  # the wild view
+    weights = np.ones((6, 1))
+    start = DE.surface_points(template, faces, face, bary)
+    kept_f, kept_b = DE.refit_embedding(face, bary, template, faces, posed, K, det, weights, radius=0.03,
+                                        sigma_move=0.01)
+    np.testing.assert_allclose(DE.surface_points(template, faces, kept_f, kept_b), start, atol=1e-9)
+    drag_f, drag_b = DE.refit_embedding(face, bary, template, faces, posed, K, det, weights, radius=0.03,
+                                        sigma_move=0.01, robust=1e6)
+    assert np.linalg.norm(DE.surface_points(template, faces, drag_f, drag_b) - start) > 0.003
