@@ -376,8 +376,9 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
         def from_points(qv: Tensor, xv: Tensor) -> list[Tensor]:  # what residuals() computes, from the points
             p = unflatten_params(chunk, names, xv)
             pts = qv.view(qv.shape[0], -1, 3)
-            out = FlameOutput(pts.new_zeros(pts.shape[0], 0, 3), None, pts[:, :68], pts[:, 68:136],
-                              pts[:, 136:] if pts.shape[1] > 136 else None)
+            n = model.full_faces.shape[0]  # the landmarks, then the same with the fixed contour, then dense
+            out = FlameOutput(pts.new_zeros(pts.shape[0], 0, 3), None, pts[:, :n], pts[:, n:2 * n],
+                              pts[:, 2 * n:] if pts.shape[1] > 2 * n else None)
             return residual_parts(Context(p, landmark_pred(out, p.cam, res), tgt, res, {**setup.extra, "rows": rows}),
                                   stage)
 
