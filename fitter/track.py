@@ -509,11 +509,13 @@ def person_points(setup: FitSetup, det: Detections, keys: np.ndarray, key_result
     """Where the detector's points sit on this person's head, from the keyframes' fits and detections
     (priors.dense_embedding.refit_embedding): MediaPipe's dense points but the iris ("dense_faces",
     "dense_bary"), when the frames weigh them, and the 51 inner points of the 68 ("static_faces",
-    "static_bary"; the jaw's contour follows the silhouette and is not moved). Empty for landmark files
-    (they are exact)."""
+    "static_bary"; the jaw's contour follows the silhouette and is not moved), each with how far its
+    points moved on the template ("dense_moved_mm", "static_moved_mm"). Empty for landmark files (they
+    are exact)."""
     if not det.detected:
         return {}
-    from priors.dense_embedding import IRIS, dense_embedding_for, dense_weights, model_mesh, refit_embedding
+    from priors.dense_embedding import (IRIS, dense_embedding_for, dense_weights, model_mesh, refit_embedding,
+                                        surface_points)
 
     model = setup.model
     template, faces = model_mesh(model)
@@ -521,18 +523,32 @@ def person_points(setup: FitSetup, det: Detections, keys: np.ndarray, key_result
     K = np.stack([r.K for r in key_results])
     part = model.weights.cpu().numpy()[faces].mean(1).argmax(1)  # the joint that moves each triangle most
     out = {}
+
+    def refit(name: str, face: np.ndarray, bary: np.ndarray, points: np.ndarray, weights: np.ndarray) -> None:
+        out[f"{name}_faces"], out[f"{name}_bary"] = refit_embedding(face, bary, template, faces, posed, K, points,
+                                                                    weights, labels=part)
+        moved = surface_points(template, faces, out[f"{name}_faces"], out[f"{name}_bary"]) - \
+            surface_points(template, faces, face, bary)
+        out[f"{name}_moved_mm"] = (1000.0 * np.linalg.norm(moved, axis=1)).astype(np.float32)
+
     if model.has_landmarks:
         points = det.landmarks[keys][:, 17:]
-        out["static_faces"], out["static_bary"] = refit_embedding(
-            model.static_faces.cpu().numpy(), model.static_bary.cpu().numpy(), template, faces, posed, K, points,
-            np.isfinite(points).all(-1).astype(np.float64), labels=part)
+        refit("static", model.static_faces.cpu().numpy(), model.static_bary.cpu().numpy(), points,
+              np.isfinite(points).all(-1).astype(np.float64))
     if det.dense is not None and setup.recipe.uses("dense_landmark"):
         emb = dense_embedding_for(model)
         weights = det.dense_weights[keys] * dense_weights(emb)[None]
         weights[:, list(IRIS)] = 0.0  # the keyframes do not fit the gaze: the iris points stay
-        out["dense_faces"], out["dense_bary"] = refit_embedding(emb.faces, emb.bary, template, faces, posed, K,
-                                                                det.dense[keys], weights, labels=part)
+        refit("dense", emb.faces, emb.bary, det.dense[keys], weights)
     return out
+
+
+def person_points_report(points: dict[str, np.ndarray]) -> dict:
+    """track.json's summary of person_points: per point set, the mean and largest move (mm)."""
+    return {name: {"points": int(points[f"{name}_moved_mm"].size),
+                   "mean_move_mm": round(float(points[f"{name}_moved_mm"].mean()), 2),
+                   "max_move_mm": round(float(points[f"{name}_moved_mm"].max()), 2)}
+            for name in ("static", "dense") if f"{name}_moved_mm" in points}
 
 
 def use_person_points(setup: FitSetup, points: dict[str, np.ndarray]) -> None:
@@ -621,6 +637,7 @@ def track_video(source, out_dir, recipe: str | Recipe = "track", model=None, lan
                      time.perf_counter() - started, setups.options.camera)
     track.fitted_frames = fitted
     track.report["resumed"] = partial.resumed
+    track.report["person_points"] = person_points_report(person)
     return track
 
 

@@ -335,7 +335,7 @@ def test_resume_after_interruption_refits_nothing_and_matches(cli_track, clip, s
     track = track_video(folder, tmp_path, model=standin_model, landmarks=lmk_dir, overrides=SMALL,
                         on_frame=lambda k, rec: fitted.append(k))
     assert fitted == list(range(stop_after + 1, FRAMES)) and track.fitted_frames == FRAMES - stop_after - 1
-    assert track.report["resumed"]
+    assert track.report["resumed"] and track.report["person_points"] == {}
     with np.load(out_ref / "track.npz") as data:
         for key in CONTRACT_KEYS - {"frames", "model", "recipe"}:
             np.testing.assert_allclose(track.arrays[key], data[key], rtol=0, atol=1e-6, err_msg=key)
@@ -512,6 +512,10 @@ def test_resume_keeps_the_dense_detections(dense_clip, dense_track, standin_path
     resumed = track_video(folder, tmp_path, model=model, detector="mediapipe", overrides=SMALL)
     assert len(calls) == FRAMES and resumed.report["resumed"] and resumed.fitted_frames == FRAMES - 3
     assert not model.has_dense  # the caller's model is not the one whose points were moved
+    moves = resumed.report["person_points"]  # track.json says how far they moved: within the 12 mm radius
+    assert moves == dense_track[0].report["person_points"]
+    assert moves["static"]["points"] == 51 and moves["dense"]["points"] == 478
+    assert all(0 <= m["mean_move_mm"] <= m["max_move_mm"] <= 12.0 for m in moves.values())
     for key in CONTRACT_KEYS - {"frames", "model", "recipe"}:
         np.testing.assert_allclose(resumed.arrays[key], dense_track[0].arrays[key], rtol=0, atol=1e-5, err_msg=key)
 
