@@ -42,6 +42,7 @@ from torch import Tensor
 
 from priors.assets import atomic_write, flamefit_home
 from priors.errors import AssetError
+from priors.mesh import face_normals
 
 N_POINTS = 478
 N_MESH = 468
@@ -693,7 +694,7 @@ def refit_embedding(face: np.ndarray, bary: np.ndarray, template: np.ndarray, fa
     template = np.asarray(template, np.float64)
     tri = template[faces]
     centroid = tri.mean(1)
-    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal = face_normals(template, faces)
     normal /= np.linalg.norm(normal, axis=1, keepdims=True).clip(1e-18)
     size = np.linalg.norm(tri - centroid[:, None], axis=2).max(1)  # a triangle lies within this of its centroid
     grid = _bary_grid(steps)

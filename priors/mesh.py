@@ -89,12 +89,12 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, n_faces: int,
     coarse = node_v[corners]
     # with its corners back where they were, a triangle may face the other way than the surface
     # it stands for (a fold the collapses made against the moved points): turn it round
-    flipped = (_face_normals(vertices, coarse) * _vertex_normals(vertices, faces)[coarse].sum(1)).sum(1) < 0
+    flipped = (face_normals(vertices, coarse) * _vertex_normals(vertices, faces)[coarse].sum(1)).sum(1) < 0
     corners[flipped] = corners[flipped][:, ::-1]
     return node_v[corners], None if node_uv is None else node_uv[corners]
 
 
-def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+def face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Each triangle's normal by its winding, length twice its area: F x 3."""
     p = np.asarray(vertices, np.float64)[faces]
     return np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
@@ -102,7 +102,7 @@ def _face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 def _vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted vertex normals (not normalised) V x 3."""
-    n = _face_normals(vertices, faces)
+    n = face_normals(vertices, faces)
     out = np.zeros((len(vertices), 3))
     for k in range(3):
         np.add.at(out, faces[:, k], n)
