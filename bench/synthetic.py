@@ -25,9 +25,7 @@ def random_params(model: FlameModel, rng: np.random.Generator, shape: np.ndarray
     t = lambda a: torch.as_tensor(np.asarray(a, np.float32))[None]  # noqa: E731
     p = FitParams.initial(1, model.n_shape, model.n_exp, model.n_verts)
     p.shape = t(rng.normal(0, 1, model.n_shape) if shape is None else shape)
-    p.exp = t(rng.normal(0, 0.8, model.n_exp))
-    while not lips_plausible(model, p):  # large Gaussian codes can push the lips through each other
-        p.exp = t(rng.normal(0, 0.8, model.n_exp))
+    p.exp = t(plausible_expression(model, rng, 0.8, p.shape[0].numpy()))
     yaw = np.deg2rad(rng.uniform(-30, 30) if yaw_deg is None else yaw_deg)
     p.global_pose = t([rng.uniform(-0.15, 0.15), yaw, rng.uniform(-0.08, 0.08)])
     p.jaw_pose = t([rng.uniform(0.0, 0.25), 0.0, 0.0])
@@ -41,6 +39,19 @@ def random_params(model: FlameModel, rng: np.random.Generator, shape: np.ndarray
     wave = 0.06 * np.sin(v[:, :1] * rng.uniform(20, 40) + rng.uniform(0, 6)) * np.cos(v[:, 1:2] * 30)
     p.albedo = t(np.clip(tone + wave, 0, 1))
     return p
+
+
+def plausible_expression(model: FlameModel, rng: np.random.Generator, sd: float, shape: np.ndarray) -> np.ndarray:
+    """An expression code ~ N(0, sd^2) per coefficient for a face of this shape, drawn again while the
+    lips cross (`lips_plausible`): large Gaussian codes can push the lips through each other, a face no
+    image shows. n_exp float64."""
+    p = FitParams.initial(1, model.n_shape, model.n_exp, model.n_verts)
+    p.shape = torch.as_tensor(np.asarray(shape, np.float32))[None]
+    while True:
+        exp = rng.normal(0, sd, model.n_exp)
+        p.exp = torch.as_tensor(exp.astype(np.float32))[None]
+        if lips_plausible(model, p):
+            return exp
 
 
 def lips_plausible(model: FlameModel, params: FitParams, tol: float = 1e-3) -> bool:

@@ -10,8 +10,10 @@ import torch
 
 from bench.fit import case_group, case_yaws
 from bench.real import jaw_outline_nme, polyline_distances, score_image, summarise
-from bench.synthetic import (Pinhole, face_error_mm, nme_box, nme_iod, paint_mesh, pinhole_project, random_params,
-                             random_pinhole, region_height, whole_face_region, yaw_bin)
+from bench.synthetic import (Pinhole, face_error_mm, lips_plausible, nme_box, nme_iod, paint_mesh, pinhole_project,
+                             plausible_expression, random_params, random_pinhole, region_height, whole_face_region,
+                             yaw_bin)
+from bench.track import clip_params
 
 
 def _ibug_like(w: float = 40.0, h: float = 10.0) -> np.ndarray:
@@ -255,3 +257,45 @@ def test_detector_convention_is_the_detectors_mapping_on_the_models_mediapipe_po
     own_px = DE.surface_points(verts, model.faces.numpy(), own, model.full_bary.numpy()) @ res.R.T + res.t
     own_px = (own_px @ res.K.T)[:, :2] / (own_px @ res.K.T)[:, 2:]
     assert np.linalg.norm(own_px - got3d, axis=1).max() > 5.0
+
+
+def _lip_gaps_mm(model, shape, exp) -> np.ndarray:
+    """Inner upper lip (iBUG 61-63) minus inner lower lip (67-65) in height, mm, at zero pose, read off
+    the template and the blendshapes at the landmarks' triangles (not through the model's forward pass)."""
+    coeffs = np.concatenate([shape, exp])
+    v = model.v_template.numpy() + np.einsum("vck,k->vc", model.dirs.numpy(), coeffs)
+    corners = v[model.faces.numpy()[model.full_faces.numpy()]]  # 68 x 3 corners x 3
+    lmk = np.einsum("lc,lcd->ld", model.full_bary.numpy(), corners)
+    return (lmk[[61, 62, 63], 1] - lmk[[67, 66, 65], 1]) * 1000
+
+
+def test_lips_plausible_and_the_redrawn_expression(standin_model):
+    model = standin_model
+    shape = np.random.default_rng(0).normal(0, 1, model.n_shape)
+    params = random_params(model, np.random.default_rng(0))
+    params.shape = torch.as_tensor(shape, dtype=torch.float32)[None]
+    # the gap is linear in the code: push it to -5 mm (crossed) and +5 mm (open) along its gradient
+    basis = np.eye(model.n_exp)
+    gap0 = _lip_gaps_mm(model, shape, np.zeros(model.n_exp))[1]
+    grad = np.array([_lip_gaps_mm(model, shape, e)[1] - gap0 for e in basis])
+    for target, plausible in ((-5.0, False), (gap0 + 5.0, True)):
+        exp = (target - gap0) * grad / (grad @ grad)
+        assert _lip_gaps_mm(model, shape, exp)[1] == pytest.approx(target, abs=1e-3)
+        params.exp = torch.as_tensor(exp, dtype=torch.float32)[None]
+        params.jaw_pose = torch.tensor([[0.3, 0.0, 0.0]])  # the jaw does not count: it never crosses the lips
+        assert lips_plausible(model, params) is plausible
+    # a seed whose first wide draw crosses the lips: plausible_expression draws again
+    draw = lambda s: np.random.default_rng(s).normal(0, 1.5, model.n_exp)  # noqa: E731
+    seed = next(s for s in range(100) if _lip_gaps_mm(model, shape, draw(s)).min() < -1.0)
+    first = draw(seed)
+    exp = plausible_expression(model, np.random.default_rng(seed), 1.5, shape)
+    assert not np.allclose(exp, first) and _lip_gaps_mm(model, shape, exp).min() >= -1.0
+
+
+def test_track_clip_expressions_never_cross_the_lips(standin_model):
+    """bench.track's clips blend key expressions; seed 4's keys crossed the lips by up to 20 mm before
+    they were drawn as bench.fit's faces are. With 4 frames every frame is a key."""
+    for seed in (1, 2, 4):
+        for p in clip_params(standin_model, 4, 256, seed):
+            gaps = _lip_gaps_mm(standin_model, p.shape[0].numpy(), p.exp[0].numpy())
+            assert gaps.min() >= -1.0, (seed, gaps)
