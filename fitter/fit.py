@@ -300,6 +300,19 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
             regions[key] = visible_region(setup.model, chunk, res, tgt.mask, setup.render_mesh, setup.albedo_model)
         return regions[key]
 
+    n_set = targets.landmarks.shape[0]
+    given = ~targets.detected if targets.detected is not None else torch.ones(n_set, dtype=torch.bool)
+    shape_share = torch.where(given, 1.0 / n_set, 1.0).to(targets.landmarks) if tie_shape else None  # n_set
+
+    def share(name: str, rows: Tensor) -> Tensor | float:
+        """What part of the shape prior each image carries when the set shares one shape (tie_shape). A photo
+        with given landmarks carries 1 / (images): the set then counts the prior once, as one photo does,
+        while the photos' evidence adds up. A photo with detected points carries all of it: the detector
+        misses one person's face the same way in every photo, so more photos are not more evidence against
+        that miss, and the prior must not loosen. The albedo's priors stay whole per image: counted once,
+        they made fit-set's identity worse (BENCHMARKS.md, tenth round)."""
+        return shape_share.index_select(0, rows) if shape_share is not None and name == "shape_prior" else 1.0
+
     def objective(params: FitParams, stage: Stage, rows: Tensor):
         if tie_shape:  # one identity for the whole set (fit-set, shared mode)
             params = _with_shared_shape(params)
@@ -317,7 +330,7 @@ def make_objective(setup: FitSetup, targets: Targets, tie_shape: bool = False):
                           mesh=mesh)
         extra = {**setup.extra, "set_shapes": params.shape, "rows": rows}
         ctx = Context(chunk, pred, tgt, res, extra)
-        terms = {name: w * TERMS[name].fn(ctx) for name, w in stage.weights.items() if w > 0}
+        terms = {name: w * share(name, rows) * TERMS[name].fn(ctx) for name, w in stage.weights.items() if w > 0}
         total = torch.stack(list(terms.values())).sum(0) if terms else chunk.shape.new_zeros(chunk.batch)
         return total, terms
 

@@ -215,3 +215,47 @@ def test_cli_fit_set_consistency_with_negatives(standin_path, one_person, tmp_pa
     shapes = [load_fit(out / s / "fit.npz")[0].shape[0].numpy() for s in ("img0", "img1")]
     assert not np.array_equal(shapes[0], shapes[1])
     np.testing.assert_allclose(mean, np.mean(shapes, axis=0), atol=1e-6)
+
+
+def test_a_shared_identity_carries_its_priors_once(standin_model, one_person):
+    """Three copies of one photo with one shared identity are one photo seen three times: its evidence
+    adds up, the shape prior counts once. The set's total is then three times
+    that of the single photo fitted with those priors at a third of their weight; Adam's steps do not
+    change when a parameter's gradient is scaled, so the two fits agree (float rounding apart). With
+    the prior counted per image the set would match the single photo at full weight instead."""
+    _, paths, _ = one_person
+    steps = ["stages.landmarks.iterations=60", "stages.rigid.patience=0", "stages.landmarks.patience=0"]
+    setup, targets = prepared(standin_model, paths[:1], steps)
+    three, _ = fit_identity(targets * 3, setup, "shared", seed=0)
+    w = next(st for st in setup.recipe.stages if st.name == "landmarks").weights["shape_prior"]
+    setup_third, _ = prepared(standin_model, paths[:1], [*steps, f"stages.landmarks.weights.shape_prior={w / 3}"])
+    one_third, _ = fit_identity(targets, setup_third, "shared", seed=0)
+    one_full, _ = fit_identity(targets, setup, "shared", seed=0)
+    np.testing.assert_allclose(three.shape, one_third.shape, atol=2e-3)
+    assert np.abs(three.shape - one_full.shape).max() > 10 * np.abs(three.shape - one_third.shape).max()
+
+
+def test_identity_priors_per_image_given_and_detected(standin_model, one_person):
+    """Shared identity, three images: one with given points carries a third of the shape prior, one with
+    detected points all of it; terms on the image's own parameters, and every term of unshared fits,
+    stay whole."""
+    from dataclasses import replace
+
+    from fitter.fit import initial_params, make_objective, stack_targets
+    from fitter.recipe import Stage
+
+    _, paths, _ = one_person
+    setup, targets = prepared(standin_model, paths)
+    batch = stack_targets(targets, setup.recipe.landmark_weights, setup.device)
+    batch = replace(batch, detected=torch.tensor([False, True, False]))
+    params = initial_params(setup, batch)
+    params.shape = torch.randn(3, standin_model.n_shape, generator=torch.Generator().manual_seed(0))
+    params.exp = torch.randn(3, standin_model.n_exp, generator=torch.Generator().manual_seed(1))
+    stage = Stage("s", 1, ["shape", "exp"], {"shape_prior": 2.0, "exp_prior": 3.0})
+    rows = torch.arange(3)
+    _, tied = make_objective(setup, batch, tie_shape=True)(params, stage, rows)
+    _, own = make_objective(setup, batch)(params, stage, rows)
+    shared = 2.0 * float((params.shape[0] ** 2).sum())  # row 0's shape is the set's
+    torch.testing.assert_close(tied["shape_prior"], torch.tensor([shared / 3, shared, shared / 3]))
+    torch.testing.assert_close(tied["exp_prior"], 3.0 * (params.exp ** 2).sum(1))
+    torch.testing.assert_close(own["shape_prior"], 2.0 * (params.shape ** 2).sum(1))
