@@ -97,15 +97,6 @@ def jitter(points: np.ndarray) -> float:
     return float(np.linalg.norm(points[2:] - 2 * points[1:-1] + points[:-2], axis=-1).mean())
 
 
-def measure_r(repeats: int = 10) -> float:
-    from bench.render import time_case
-    from priors.assets import load_model, resolve_model_path
-
-    m = load_model(resolve_model_path(None), require_landmarks=False)
-    return time_case(m.v_template, torch.as_tensor(m.faces, dtype=torch.int64), 224, 1, torch.device("cpu"),
-                     repeats)[0]
-
-
 def evaluate(model, track, truth: list[FitParams], true_lmk: np.ndarray, region: np.ndarray) -> dict:
     a = track.arrays
     errs = []
@@ -143,6 +134,7 @@ def write_gif(path: Path, model, track, folder: Path, every: int = 2, height: in
 
 
 def run(frames: int = 48, size: int = 512, skip=(), seed: int = 0, overrides=(), gif: Path | None = None) -> dict:
+    from bench.fit import measure_R
     from fitter.fit import load_flame
     from fitter.track import track_video
 
@@ -161,12 +153,12 @@ def run(frames: int = 48, size: int = 512, skip=(), seed: int = 0, overrides=(),
         for name, lmk in runs:
             if name.split()[0] in skip:
                 continue
-            r_before = measure_r()
+            r_before = measure_R(model, repeats=10)
             start = time.perf_counter()
             track = track_video(folder, Path(tmp) / f"out-{name.split()[0]}", model=model, landmarks=lmk,
                                 overrides=overrides)
             seconds = time.perf_counter() - start
-            r_ms = (r_before + measure_r()) / 2  # this machine's speed drifts within minutes: R around the run
+            r_ms = (r_before + measure_R(model, repeats=10)) / 2  # the machine's speed drifts: R around the run
             r_all.append(r_ms)
             row = {"input": name, "frames": frames, "size": size, "s_per_frame": round(seconds / frames, 3),
                    "R_ms": round(r_ms, 2), "R_per_frame": round(seconds / frames * 1000 / r_ms, 1)}
