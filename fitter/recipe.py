@@ -93,7 +93,8 @@ class Recipe:
     raw: dict = field(default_factory=dict, repr=False)
 
     def uses(self, term: str) -> bool:
-        return any(s.weights.get(term, 0.0) > 0 for s in self.stages)
+        """Whether a stage that runs weighs the term (a stage set to 0 iterations loads nothing for it)."""
+        return any(s.iterations > 0 and s.weights.get(term, 0.0) > 0 for s in self.stages)
 
     @property
     def total_iterations(self) -> int:

@@ -81,3 +81,21 @@ def test_perceptual_off_drops_the_term_without_a_warning():
     assert recipe.uses("perceptual")
     setup = make_setup(FlameModel(synthetic_assets()), recipe)
     assert setup.warnings == [] and not setup.recipe.uses("perceptual") and "perceptual" not in setup.extra
+
+
+def test_a_term_only_in_stages_set_to_no_iterations_loads_nothing(tmp_path, monkeypatch):
+    """quality requires VGG for its photometric stage; with that stage set to 0 iterations the term is
+    never evaluated, so a setup without the weights must not fail (it used to raise AssetError)."""
+    from fitter.fit import make_setup
+    from fitter.recipe import load_recipe
+    from priors.flame import FlameModel
+    from tests.synthetic import synthetic_assets
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no VGG weights here
+    model = FlameModel(synthetic_assets())
+    with pytest.raises(AssetError):
+        make_setup(model, load_recipe("quality"))
+    recipe = load_recipe("quality", ["stages.photometric.iterations=0"])
+    assert not recipe.uses("perceptual") and recipe.uses("landmark")
+    setup = make_setup(model, recipe)
+    assert "perceptual" not in setup.extra and setup.warnings == []
