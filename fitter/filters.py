@@ -2,7 +2,8 @@
 
 An exponential smoother whose cut-off frequency rises with the signal's speed: slow motion is
 smoothed hard (little jitter), fast motion lightly (little lag). Pure numpy, any array shape;
-each element is filtered on its own.
+each element is filtered on its own. `one_euro_two_way` runs it forward and backward over a whole
+recording, for offline use: no lag at all.
 """
 
 from __future__ import annotations
@@ -54,3 +55,14 @@ def one_euro(values: np.ndarray, times: np.ndarray, min_cutoff: float = 1.0, bet
     """Filter a sequence T x ... sampled at `times` (T, seconds) -> T x ... (float64)."""
     f = OneEuroFilter(min_cutoff, beta, d_cutoff)
     return np.stack([f(v, t) for v, t in zip(values, times, strict=True)])
+
+
+def one_euro_two_way(values: np.ndarray, times: np.ndarray, min_cutoff: float = 1.0, beta: float = 0.0,
+                     d_cutoff: float = 1.0) -> np.ndarray:
+    """The mean of one_euro run forward in time and run backward (on the reversed sequence), for a whole
+    recording known in advance. Run forward, the filter trails a moving signal; run backward, it leads it
+    by as much, so the mean does neither, and it averages two smoothings of the noise."""
+    times = np.asarray(times, dtype=np.float64)
+    forward = one_euro(values, times, min_cutoff, beta, d_cutoff)
+    backward = one_euro(values[::-1], times[-1] - times[::-1], min_cutoff, beta, d_cutoff)[::-1]
+    return 0.5 * (forward + backward)

@@ -41,7 +41,7 @@ from priors.flame import FlameModel
 
 from . import detect, io
 from .camera import crop_intrinsics, default_focal_px
-from .filters import one_euro
+from .filters import one_euro, one_euro_two_way
 from .fit import (FitResult, FitSetup, Target, fit_targets, initial_params, load_flame, make_setup, polygon_mask,
                   stack_targets, use_dense_embedding, without_term)
 from .fitset import Identity, fit_identity
@@ -59,7 +59,7 @@ CAMERA_MODES = ("fixed", "moving")
 # the temporal terms of the translation and of the head's rotation; the neck's, jaw's, eyes' and the
 # expression's terms stay
 MOVING_DROPS = ("trans_velocity", "trans_accel", "head_velocity", "head_accel")
-FORMAT = 3  # bump when the .partial layout changes (old partial folders are then started over)
+FORMAT = 4  # bump when the .partial layout or its contents change (old partial folders are then started over)
 
 
 # ----------------------------------------------------------------------------- options
@@ -73,6 +73,7 @@ class TrackOptions:
     min_cutoff: float = 1.0  # Hz
     beta: float = 2.0  # cut-off rise per (face size / second) of landmark speed
     d_cutoff: float = 1.0  # Hz
+    two_way: bool = True  # the filter run forward and backward over the clip (no lag); false: forward only
     camera: str = "fixed"  # fixed (the head moves before one still camera) | moving (handheld: see MOVING_DROPS)
     person_points: bool = True  # detected points' places on the head moved to where the keyframes put them
 
@@ -229,7 +230,8 @@ def filter_landmarks(raw: np.ndarray, fps: float, options: TrackOptions, scale_f
                      ) -> np.ndarray:
     """One-Euro filter over the frames with a face (T x N x 2, NaN rows skipped), in units of the face
     size (so the filter's settings mean the same at any resolution): the median crop size of the 68
-    landmarks `scale_from` (T x 68 x 2; default raw itself)."""
+    landmarks `scale_from` (T x 68 x 2; default raw itself). Forward and backward (options.two_way): the
+    whole clip is read before it is fitted, so the filter need not trail the motion."""
     ok = np.isfinite(raw).all((1, 2))
     out = raw.copy()
     if ok.sum() < 2:
@@ -238,7 +240,8 @@ def filter_landmarks(raw: np.ndarray, fps: float, options: TrackOptions, scale_f
     ref = raw if scale_from is None else scale_from
     scale = np.median([detect.square_box(p)[2] for p in ref[np.isfinite(ref).all((1, 2))]])
     times = np.nonzero(ok)[0] / fps
-    out[ok] = (one_euro(pts / scale, times, options.min_cutoff, options.beta, options.d_cutoff) * scale)
+    smooth = one_euro_two_way if options.two_way else one_euro
+    out[ok] = smooth(pts / scale, times, options.min_cutoff, options.beta, options.d_cutoff) * scale
     return out.astype(np.float32)
 
 

@@ -4,6 +4,7 @@ frames, exact landmark files, 96 px crops, few iterations) so the module stays f
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,12 +17,12 @@ from bench.track import clip_params, jitter, render_clip, write_clip
 from fitter import detect, io
 from fitter import track as track_module
 from fitter.camera import pinhole_project, project_opencv
-from fitter.filters import OneEuroFilter, one_euro
+from fitter.filters import OneEuroFilter, one_euro, one_euro_two_way
 from fitter.losses import TERMS, Context, camera_translation, temporal_residual
 from fitter.params import FitParams
 from fitter.recipe import load_recipe
-from fitter.track import (TrackOptions, clip_intrinsics, crop_camera, interpolate_missing, opencv_extrinsics,
-                          read_detections, track_setups, track_video)
+from fitter.track import (TrackOptions, clip_intrinsics, crop_camera, filter_landmarks, interpolate_missing,
+                          opencv_extrinsics, read_detections, track_options, track_setups, track_video)
 from priors.errors import ImageError, NoFaceError, RecipeError
 
 FRAMES, SIZE, GAP = 8, 160, 4  # frame GAP has no landmark file: a frame without a face
@@ -160,6 +161,44 @@ def test_one_euro_smooths_noise_and_follows_fast_moves():
         f = OneEuroFilter()
         f(0.0, 1.0)
         f(0.0, 1.0)
+
+
+def test_one_euro_two_way_hand_computed():
+    """beta 0: a fixed exponential smoother, a = alpha(1 Hz, 0.1 s). Forward over [0, 1, 1]:
+    [0, a, a + (1 - a) a]; backward (over [1, 1, 0], then reversed): [1 - a, 1, 1]; the two-way is their mean."""
+    a = 1 / (1 + 1 / (2 * math.pi * 1.0) / 0.1)
+    got = one_euro_two_way(np.array([0.0, 1.0, 1.0]), np.array([0.0, 0.1, 0.2]), min_cutoff=1.0, beta=0.0)
+    assert np.allclose(got, [(1 - a) / 2, (a + 1) / 2, (a + (1 - a) * a + 1) / 2], atol=1e-12)
+
+
+def test_one_euro_two_way_does_not_trail_and_smooths_more():
+    t = np.arange(200) / 25.0
+    ramp = 2.0 * t  # constant speed: one way trails it by a steady amount, the two ways cancel
+    lag = np.abs(one_euro(ramp, t, 1.0, 0.0) - ramp)[80:120].mean()
+    assert lag > 0.2  # 2 units/s x about 0.16 s
+    assert np.abs(one_euro_two_way(ramp, t, 1.0, 0.0) - ramp)[80:120].max() < 0.01 * lag
+    still = 1.0 + np.random.default_rng(0).normal(0, 0.01, (200, 4))  # any array shape, per element
+    one, two = one_euro(still, t, 1.0, 0.5), one_euro_two_way(still, t, 1.0, 0.5)
+    assert two.shape == still.shape and two[20:180].std() < 0.9 * one[20:180].std()  # measured 0.83
+
+
+def test_track_filter_is_two_way_unless_the_recipe_says_otherwise():
+    rng = np.random.default_rng(1)
+    raw = (100.0 + rng.normal(0, 2.0, (30, 68, 2))).astype(np.float32)
+    raw[:, :, 0] += np.linspace(0, 60, 68)  # a face about 60 px wide
+    raw[7] = np.nan  # a frame without a face is skipped, and stays NaN
+    options = track_options(load_recipe("track"))
+    assert options.two_way and options.beta == 2.0
+    both = filter_landmarks(raw, 25.0, options)
+    one = filter_landmarks(raw, 25.0, replace(options, two_way=False))
+    ok = np.isfinite(raw).all((1, 2))
+    scale = np.median([detect.square_box(p)[2] for p in raw[ok]])
+    times = np.nonzero(ok)[0] / 25.0
+    expected = one_euro_two_way(raw[ok].astype(np.float64) / scale, times, 1.0, 2.0, 1.0) * scale
+    assert np.allclose(both[ok], expected, atol=1e-3) and np.isnan(both[7]).all()
+    assert not np.allclose(both[ok], one[ok], atol=1e-3)
+    with pytest.raises(RecipeError, match="track.two_way"):
+        track_options(load_recipe("track", ["track.two_way=1"]))
 
 
 # ----------------------------------------------------------------------------- interpolation
