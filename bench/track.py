@@ -9,8 +9,9 @@ face. Tracks it twice, from the true landmarks (files) and from the detector, an
 per frame and the same as a multiple of R (bench.render's 224 x 224 batch-1 forward + backward, the
 mean of its measures just before and just after each track), jitter (mean norm of the fitted
 landmarks' second difference over frames) against the true motion's own, the mean face-vertex error
-over frames (mm, similarity-aligned, bench.synthetic's face region) and the identity error (neutral
-shape against the true one, mm).
+over frames (mm, similarity-aligned, bench.synthetic's face region), the identity error (neutral
+shape against the true one, mm), and track.json's `detections` (the faces' exposure, whether the tracker
+used its brightened pass).
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def run(frames: int = 48, size: int = 512, skip=(), seed: int = 0, overrides=(),
             row = {"input": name, "frames": frames, "size": size, "s_per_frame": round(seconds / frames, 3),
                    "R_ms": round(r_ms, 2), "R_per_frame": round(seconds / frames * 1000 / r_ms, 1)}
             row.update(evaluate(model, track, truth, true_lmk, region))
+            row.update(track.report["detections"])  # the faces' exposure; whether a brightened pass was used
             results.append(row)
             if gif is not None and lmk is not None:
                 write_gif(gif, model, track, folder)

@@ -526,6 +526,32 @@ def _confirmed_once(image: np.ndarray) -> list[np.ndarray]:
     return [m for m in _mediapipe_once(image) if confirmed_face(image, m)]
 
 
+# Dark faces: MediaPipe's points on a face whose median grey is under DARK_FACE of the range can improve a
+# lot when the image is brightened first (a gamma curve taking that median to EXPOSURE_TARGET), or get
+# worse (the shadows' noise and 8-bit steps are stretched too): on single images it did both, so they are
+# not brightened. A video can tell which: the tracker keeps the brightened pass only when its points are
+# steadier from frame to frame (fitter.track.read_detections; BENCHMARKS.md, eleventh round).
+DARK_FACE = 0.3
+EXPOSURE_TARGET = 0.4
+
+
+def face_exposure(image: np.ndarray, points: np.ndarray) -> float:
+    """Median grey level (0..1) of the image inside the convex hull of a face's MediaPipe mesh points
+    (478 or 468 x 2+, image pixels)."""
+    hull = cv2.convexHull(np.round(points[:N_MESH, :2]).astype(np.int32))
+    inside = np.zeros(image.shape[:2], np.uint8)
+    cv2.fillConvexPoly(inside, hull, 1)
+    grey = image if image.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    values = grey[inside > 0]
+    return float(np.median(values)) / 255.0 if values.size else 1.0
+
+
+def brightened(image: np.ndarray, level: float, target: float = EXPOSURE_TARGET) -> np.ndarray:
+    """uint8 image through the gamma curve (x -> x ** g on 0..1) that takes grey `level` to `target`."""
+    g = np.log(target) / np.log(min(max(level, 1e-3), 0.999))
+    return np.round(255.0 * (np.arange(256) / 255.0) ** g).astype(np.uint8)[image]
+
+
 def mediapipe_meshes(image: np.ndarray, retry: bool = True) -> list[np.ndarray]:
     """MediaPipe's 478 points for every face found: a list of 478 x 3 float64 arrays (x, y in the image's
     corner-origin pixels, z MediaPipe's relative depth in pixels, smaller = nearer).

@@ -155,6 +155,8 @@ class Detections:
     detected: bool = False
     dense: np.ndarray | None = None
     dense_weights: np.ndarray | None = None
+    exposure: float = float("nan")  # median grey (0..1) of the faces MediaPipe found (NaN: no dense points)
+    brightened: bool = False  # the points come from frames brightened from `exposure` (steadier_detections)
 
     @property
     def ok(self) -> np.ndarray:
@@ -167,10 +169,12 @@ class Detections:
                             None if dense is None else self.dense_weights[k], self.detected)
 
 
-def frame_landmarks(frame: io.FrameRead, landmarks_dir: Path | None, detector: str, device: str):
+def frame_landmarks(frame: io.FrameRead, landmarks_dir: Path | None, detector: str, device: str,
+                    level: float | None = None):
     """(68 x 2 landmarks or None, MediaPipe's (478 x 2 points, 478 weights) or None, warning or None) for
     one frame; a setup problem (no detector) raises. MediaPipe gives both point sets in one run
-    (detect.detect_points, as fit.prepare_target uses it)."""
+    (detect.detect_points, as fit.prepare_target uses it). level: detect on the frame brightened from this
+    grey level (detect.brightened)."""
     if frame.image is None:
         return None, None, frame.error
     dense = None
@@ -182,7 +186,8 @@ def frame_landmarks(frame: io.FrameRead, landmarks_dir: Path | None, detector: s
                                    f"in {landmarks_dir}; treated as a frame without a face"
             lmk = io.read_landmarks(file)
         else:
-            lmk, points, weights = detect.detect_points(frame.image, detector, device)
+            image = frame.image if level is None else detect.brightened(frame.image, level)
+            lmk, points, weights = detect.detect_points(image, detector, device)
             dense = None if points is None else [points, weights]
         return io.validate_landmarks(lmk, f"frame {frame.name}"), dense, None
     except (NoFaceError, LandmarkError) as exc:
@@ -191,11 +196,51 @@ def frame_landmarks(frame: io.FrameRead, landmarks_dir: Path | None, detector: s
 
 def read_detections(source: io.FrameSource, landmarks_dir: Path | None, detector: str, device: str,
                     options: TrackOptions, progress: Progress | None = None) -> Detections:
-    indices, names, sizes, lmks, denses, secs, warns = [], [], [], [], [], [], []
+    """Every frame's landmarks (detected or from files), then, for a dark clip, the brightened pass when
+    it is steadier (steadier_detections), then the One-Euro filter (detected points only)."""
+    det = detection_pass(source, landmarks_dir, detector, device, progress)
+    if det.detected and det.exposure < detect.DARK_FACE:
+        det = steadier_detections(det, detection_pass(source, None, detector, device, progress, det.exposure))
+    if options.filter and det.detected:
+        det.landmarks = filter_landmarks(det.raw, source.fps, options)
+        if det.dense is not None:  # the same filter, in the same face-size units as the 68
+            det.dense = filter_landmarks(det.dense, source.fps, options, scale_from=det.raw)
+    return det
+
+
+def landmark_jitter(points: np.ndarray) -> float:
+    """Mean norm of the second difference over frames (T x N x 2 -> px), over the runs of three frames
+    with points (NaN rows: no face); NaN when there is no such run."""
+    second = points[2:] - 2 * points[1:-1] + points[:-2]
+    norms = np.linalg.norm(second, axis=-1)
+    norms = norms[np.isfinite(norms).all(1)] if len(norms) else norms
+    return float(norms.mean()) if norms.size else float("nan")
+
+
+def steadier_detections(plain: Detections, bright: Detections) -> Detections:
+    """The brightened pass if it finds a face in as many frames as the plain one and its raw points jump
+    less from frame to frame, over the frames where both found one; else the plain pass. A detector's
+    points on a dark face are both noisier and further off; on single images brightening could go either
+    way, over a clip the steadier pass is the better one (BENCHMARKS.md, eleventh round)."""
+    both = plain.ok & bright.ok
+    keep = lambda d: np.where(both[:, None, None], d.raw, np.nan)  # noqa: E731
+    if bright.ok.sum() >= plain.ok.sum() and landmark_jitter(keep(bright)) < landmark_jitter(keep(plain)):
+        bright.brightened = True
+        bright.exposure = plain.exposure
+        bright.seconds = bright.seconds + plain.seconds
+        return bright
+    return plain
+
+
+def detection_pass(source: io.FrameSource, landmarks_dir: Path | None, detector: str, device: str,
+                   progress: Progress | None = None, level: float | None = None) -> Detections:
+    """One pass over the frames (unfiltered: landmarks == raw); level: detect on frames brightened from
+    this grey level. exposure: the median face_exposure of the faces found with dense points."""
+    indices, names, sizes, lmks, denses, secs, warns, exposures = [], [], [], [], [], [], [], []
     size0 = None
     for k, frame in enumerate(source, start=1):
         start = time.perf_counter()
-        lmk, dense, warning = frame_landmarks(frame, landmarks_dir, detector, device)
+        lmk, dense, warning = frame_landmarks(frame, landmarks_dir, detector, device, level)
         shape = frame.image.shape[:2] if frame.image is not None else (0, 0)
         if frame.image is not None:
             size0 = size0 or shape
@@ -207,6 +252,8 @@ def read_detections(source: io.FrameSource, landmarks_dir: Path | None, detector
         sizes.append(shape)
         lmks.append(np.full((68, 2), np.nan, np.float32) if lmk is None else lmk.astype(np.float32))
         denses.append(dense)
+        if dense is not None:
+            exposures.append(detect.face_exposure(frame.image, dense[0]))
         secs.append(time.perf_counter() - start)
         warns.append([warning] if warning else [])
         if progress is not None:
@@ -219,10 +266,7 @@ def read_detections(source: io.FrameSource, landmarks_dir: Path | None, detector
     if any(d is not None for d in denses):  # frames without dense points: NaN points, weight 0
         det.dense = np.stack([np.full((478, 2), np.nan, np.float32) if d is None else d[0] for d in denses])
         det.dense_weights = np.stack([np.zeros(478, np.float32) if d is None else d[1] for d in denses])
-    if options.filter and det.detected:
-        det.landmarks = filter_landmarks(raw, source.fps, options)
-        if det.dense is not None:  # the same filter, in the same face-size units as the 68
-            det.dense = filter_landmarks(det.dense, source.fps, options, scale_from=raw)
+        det.exposure = float(np.median(exposures))
     return det
 
 
@@ -432,14 +476,15 @@ class PartialDir:
         d = _load_npz(path)
         return Detections(d["indices"], [str(n) for n in d["names"]], d["sizes"], d["landmarks"], d["raw"],
                           d["seconds"], json.loads(str(d["warnings"])), bool(d["detected"]), d.get("dense"),
-                          d.get("dense_weights"))
+                          d.get("dense_weights"), float(d["exposure"]), bool(d["brightened"]))
 
     def save_detections(self, det: Detections) -> None:
         dense = {} if det.dense is None else {"dense": det.dense, "dense_weights": det.dense_weights}
         _save_npz(self.root / "detections.npz", {
             "indices": det.indices, "names": np.array(det.names), "sizes": det.sizes, "landmarks": det.landmarks,
             "raw": det.raw, "seconds": det.seconds, "warnings": np.array(json.dumps(det.warnings)),
-            "detected": np.bool_(det.detected), **dense})
+            "detected": np.bool_(det.detected), "exposure": np.float64(det.exposure),
+            "brightened": np.bool_(det.brightened), **dense})
 
     def load_identity(self) -> tuple[Identity, float, str, list[str], dict[str, np.ndarray]] | None:
         """(identity, focal px, its source, warnings, person_points' arrays)."""
@@ -641,6 +686,8 @@ def track_video(source, out_dir, recipe: str | Recipe = "track", model=None, lan
     track.fitted_frames = fitted
     track.report["resumed"] = partial.resumed
     track.report["person_points"] = person_points_report(person)
+    track.report["detections"] = {"face_exposure": None if np.isnan(det.exposure) else round(det.exposure, 3),
+                                  "brightened": det.brightened}
     return track
 
 

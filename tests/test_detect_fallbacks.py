@@ -133,6 +133,24 @@ def test_a_face_is_kept_only_when_found_again_upright(monkeypatch, again, expect
     assert seen == [(D.CONFIRM_RES, D.CONFIRM_RES, 3)]
 
 
+def test_face_exposure_is_the_median_grey_inside_the_face():
+    mesh = _face_mesh(0.0, centre=(100.0, 100.0))  # extent 80 px around (100, 100)
+    image = np.full((200, 300, 3), 250, np.uint8)  # bright background, not counted
+    image[40:160, 40:160] = 51  # 0.2 of the range under and around the face
+    image[95:105, 95:105] = 255  # a small highlight does not move the median
+    assert D.face_exposure(image, mesh) == pytest.approx(0.2)
+    assert D.face_exposure(image[..., 0], mesh[:, :2]) == pytest.approx(0.2)  # grey input, 2D points
+
+
+def test_brightened_takes_the_level_to_the_target_and_keeps_order():
+    ramp = np.arange(256, dtype=np.uint8)
+    out = D.brightened(ramp, 0.1, 0.4)  # x -> x ** g with g = log 0.4 / log 0.1 = 0.398
+    assert out[51] == round(255 * 0.2 ** 0.39794)  # by hand: 0.2 ** 0.398 = 0.527 -> 134
+    assert abs(out[26] / 255 - 0.4) < 0.01  # grey 0.1 (25.5) becomes 0.4
+    assert out[0] == 0 and out[255] == 255 and np.all(np.diff(out.astype(int)) >= 0)
+    assert np.array_equal(D.brightened(ramp, 0.4, 0.4), ramp)  # already at the target: unchanged
+
+
 def test_distinct_faces_drops_a_face_found_twice():
     a, b = _face_mesh(0.0, centre=(100.0, 100.0)), _face_mesh(0.0, centre=(300.0, 100.0))
     again = a.copy()

@@ -508,6 +508,74 @@ def test_dense_detections_are_filtered_like_the_68(clip, monkeypatch):
     assert det_files.dense is None and not det_files.detected
 
 
+def test_landmark_jitter_hand_computed_and_skips_frames_without_a_face():
+    pts = np.zeros((5, 1, 2))
+    pts[:, 0, 0] = [0.0, 1.0, 4.0, 9.0, 16.0]  # second differences 2, 2, 2
+    assert track_module.landmark_jitter(pts) == pytest.approx(2.0)
+    pts[3] = np.nan  # only the run (0, 1, 2) is left
+    assert track_module.landmark_jitter(pts) == pytest.approx(2.0)
+    pts[1] = np.nan
+    assert np.isnan(track_module.landmark_jitter(pts))
+
+
+def _dark_clip(tmp_path, grey: int, frames: int = 6):
+    folder = tmp_path / f"grey{grey}"
+    folder.mkdir()
+    for k in range(frames):
+        io.write_png(folder / f"{k:04d}.png", np.full((120, 160, 3), grey, np.uint8))
+    return folder
+
+
+def _fake_dark_detector(monkeypatch):
+    """MediaPipe stand-in: a face in the middle of any frame; its points jump by +-3 px from call to call on
+    a dark frame (median grey under 0.3), by +-0.3 px on a brighter one. Returns the medians it was shown."""
+    rng = np.random.default_rng(0)
+    base = np.stack(np.meshgrid(np.linspace(50, 110, 26), np.linspace(30, 90, 19)), -1).reshape(-1, 2)[:478]
+    seen = []
+
+    def detect_dense(image, face_index=None):
+        seen.append(float(np.median(image)))
+        noise = 3.0 if np.median(image) < 0.3 * 255 else 0.3
+        dense = (base + rng.normal(0, noise, base.shape)).astype(np.float32)
+        return dense[:68].copy(), dense, np.ones(478, np.float32)
+
+    monkeypatch.setattr(detect, "detect_landmarks_dense", detect_dense)
+    return seen
+
+
+def test_a_dark_clip_takes_the_brightened_pass_when_it_is_steadier(tmp_path, monkeypatch):
+    seen = _fake_dark_detector(monkeypatch)
+    det = read_detections(io.FrameSource(_dark_clip(tmp_path, 40)), None, "mediapipe", "cpu", TrackOptions())
+    assert det.exposure == pytest.approx(40 / 255) and det.brightened
+    # the second pass saw each frame brightened to the target level
+    assert seen == [40.0] * 6 + [round(255 * detect.EXPOSURE_TARGET)] * 6
+    assert track_module.landmark_jitter(det.raw) < 0.5 * 3.0 and det.ok.all()
+
+
+def test_a_bright_clip_is_read_once(tmp_path, monkeypatch):
+    seen = _fake_dark_detector(monkeypatch)
+    det = read_detections(io.FrameSource(_dark_clip(tmp_path, 120)), None, "mediapipe", "cpu", TrackOptions())
+    assert seen == [120.0] * 6 and not det.brightened and det.exposure == pytest.approx(120 / 255)
+
+
+def test_a_dark_clip_keeps_the_plain_pass_when_brightening_makes_it_jumpier():
+    rng = np.random.default_rng(1)
+    def make(noise):  # landmarks = raw: 6 frames of points that jump by `noise` px
+        points = 50 + rng.normal(0, noise, (6, 68, 2))
+        return track_module.Detections(np.arange(6), [f"{k}" for k in range(6)], np.full((6, 2), 100), points, points,
+                                       np.ones(6), [[] for _ in range(6)], detected=True, exposure=0.1)
+
+    plain, bright = make(0.5), make(2.0)
+    assert track_module.steadier_detections(plain, bright) is plain and not plain.brightened
+    plain, bright = make(2.0), make(0.5)
+    bright.raw = bright.landmarks = bright.raw.copy()
+    bright.raw[5] = np.nan  # steadier, but it lost a face: not taken
+    assert track_module.steadier_detections(plain, bright) is plain
+    plain, bright = make(2.0), make(0.5)
+    chosen = track_module.steadier_detections(plain, bright)
+    assert chosen is bright and chosen.brightened and chosen.exposure == 0.1 and np.allclose(chosen.seconds, 2.0)
+
+
 def test_dense_points_reach_the_frame_fit(dense_clip, dense_track, standin_path, tmp_path, monkeypatch):
     """Detections with dense points: the frame stage's dense term is live (its iris points fit the gaze,
     which the 68 landmarks cannot show); with the term's weight 0 the eyes stay where they start."""
