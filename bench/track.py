@@ -31,6 +31,7 @@ from bench.synthetic import (Pinhole, face_error_mm, face_region, plausible_expr
 from fitter import io
 from fitter.camera import default_focal_px
 from fitter.params import FitParams
+from fitter.track import landmark_jitter
 
 FPS = 25.0
 
@@ -93,11 +94,6 @@ def write_clip(folder: Path, frames, landmarks=None) -> Path:
     return folder
 
 
-def jitter(points: np.ndarray) -> float:
-    """Mean norm of the second difference over frames: points T x N x 2 -> px."""
-    return float(np.linalg.norm(points[2:] - 2 * points[1:-1] + points[:-2], axis=-1).mean())
-
-
 def evaluate(model, track, truth: list[FitParams], true_lmk: np.ndarray, region: np.ndarray) -> dict:
     a = track.arrays
     errs = []
@@ -116,8 +112,9 @@ def evaluate(model, track, truth: list[FitParams], true_lmk: np.ndarray, region:
     ok = a["frame_ok"]
     return {"face_error_mm": round(float(np.mean(errs)), 3), "face_error_mm_worst": round(float(np.max(errs)), 3),
             "face_error_mm_frames_ok": round(float(np.mean(np.array(errs)[ok])), 3) if ok.any() else None,
-            "identity_error_mm": round(id_err, 3), "jitter_px": round(jitter(fitted), 4),
-            "true_jitter_px": round(jitter(true_lmk), 4), "jitter_ratio": round(jitter(fitted) / jitter(true_lmk), 3),
+            "identity_error_mm": round(id_err, 3), "jitter_px": round(landmark_jitter(fitted), 4),
+            "true_jitter_px": round(landmark_jitter(true_lmk), 4),
+            "jitter_ratio": round(landmark_jitter(fitted) / landmark_jitter(true_lmk), 3),
             "landmark_rmse_to_truth_px": round(float(rmse.mean()), 3), "frames_ok": int(a["frame_ok"].sum())}
 
 

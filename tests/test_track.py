@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from scipy.spatial.transform import Rotation
 
 import cli
-from bench.track import clip_params, jitter, render_clip, write_clip
+from bench.track import clip_params, render_clip, write_clip
 from fitter import detect, io
 from fitter import track as track_module
 from fitter.camera import pinhole_project, project_opencv
@@ -22,7 +22,8 @@ from fitter.losses import TERMS, Context, camera_translation, temporal_residual
 from fitter.params import FitParams
 from fitter.recipe import load_recipe
 from fitter.track import (TrackOptions, clip_intrinsics, crop_camera, filter_landmarks, interpolate_missing,
-                          opencv_extrinsics, read_detections, track_options, track_setups, track_video)
+                          landmark_jitter, opencv_extrinsics, read_detections, track_options, track_setups,
+                          track_video)
 from priors.errors import ImageError, NoFaceError, RecipeError
 
 FRAMES, SIZE, GAP = 8, 160, 4  # frame GAP has no landmark file: a frame without a face
@@ -501,7 +502,7 @@ def test_dense_detections_are_filtered_like_the_68(clip, monkeypatch):
     assert det.detected and det.dense.shape == (FRAMES, 478, 2) and det.dense_weights.shape == (FRAMES, 478)
     np.testing.assert_allclose(det.dense[:, :68], det.landmarks, atol=1e-4)
     np.testing.assert_array_equal(det.raw, noisy)
-    assert jitter(det.landmarks) < 0.7 * jitter(noisy)  # the filter smooths
+    assert landmark_jitter(det.landmarks) < 0.7 * landmark_jitter(noisy)  # the filter smooths
     assert np.allclose(det.dense_weights, np.linspace(0, 1, 478)) and det.ok.all()
     # landmark files have no dense points and are used as given
     det_files = read_detections(io.FrameSource(folder), clip[1], "mediapipe", "cpu", TrackOptions())
@@ -511,11 +512,11 @@ def test_dense_detections_are_filtered_like_the_68(clip, monkeypatch):
 def test_landmark_jitter_hand_computed_and_skips_frames_without_a_face():
     pts = np.zeros((5, 1, 2))
     pts[:, 0, 0] = [0.0, 1.0, 4.0, 9.0, 16.0]  # second differences 2, 2, 2
-    assert track_module.landmark_jitter(pts) == pytest.approx(2.0)
+    assert landmark_jitter(pts) == pytest.approx(2.0)
     pts[3] = np.nan  # only the run (0, 1, 2) is left
-    assert track_module.landmark_jitter(pts) == pytest.approx(2.0)
+    assert landmark_jitter(pts) == pytest.approx(2.0)
     pts[1] = np.nan
-    assert np.isnan(track_module.landmark_jitter(pts))
+    assert np.isnan(landmark_jitter(pts))
 
 
 def _dark_clip(tmp_path, grey: int, frames: int = 6):
@@ -549,7 +550,7 @@ def test_a_dark_clip_takes_the_brightened_pass_when_it_is_steadier(tmp_path, mon
     assert det.exposure == pytest.approx(40 / 255) and det.brightened
     # the second pass saw each frame brightened to the target level
     assert seen == [40.0] * 6 + [round(255 * detect.EXPOSURE_TARGET)] * 6
-    assert track_module.landmark_jitter(det.raw) < 0.5 * 3.0 and det.ok.all()
+    assert landmark_jitter(det.raw) < 0.5 * 3.0 and det.ok.all()
 
 
 def test_a_bright_clip_is_read_once(tmp_path, monkeypatch):
