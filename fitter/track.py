@@ -235,7 +235,8 @@ def steadier_detections(plain: Detections, bright: Detections) -> Detections:
 def detection_pass(source: io.FrameSource, landmarks_dir: Path | None, detector: str, device: str,
                    progress: Progress | None = None, level: float | None = None) -> Detections:
     """One pass over the frames (unfiltered: landmarks == raw); level: detect on frames brightened from
-    this grey level. exposure: the median face_exposure of the faces found with dense points."""
+    this grey level. exposure: the median face_exposure of the faces found with dense points (plain pass
+    only; steadier_detections gives a chosen brightened pass the plain one's)."""
     indices, names, sizes, lmks, denses, secs, warns, exposures = [], [], [], [], [], [], [], []
     size0 = None
     for k, frame in enumerate(source, start=1):
@@ -252,7 +253,7 @@ def detection_pass(source: io.FrameSource, landmarks_dir: Path | None, detector:
         sizes.append(shape)
         lmks.append(np.full((68, 2), np.nan, np.float32) if lmk is None else lmk.astype(np.float32))
         denses.append(dense)
-        if dense is not None:
+        if dense is not None and level is None:  # a brightened pass keeps the plain pass's exposure
             exposures.append(detect.face_exposure(frame.image, dense[0]))
         secs.append(time.perf_counter() - start)
         warns.append([warning] if warning else [])
@@ -266,7 +267,7 @@ def detection_pass(source: io.FrameSource, landmarks_dir: Path | None, detector:
     if any(d is not None for d in denses):  # frames without dense points: NaN points, weight 0
         det.dense = np.stack([np.full((478, 2), np.nan, np.float32) if d is None else d[0] for d in denses])
         det.dense_weights = np.stack([np.zeros(478, np.float32) if d is None else d[1] for d in denses])
-        det.exposure = float(np.median(exposures))
+        det.exposure = float(np.median(exposures)) if exposures else det.exposure
     return det
 
 
